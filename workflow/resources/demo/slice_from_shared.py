@@ -1,0 +1,72 @@
+"""How the demo data in this folder was cut from the project's shared data set (for provenance).
+
+Users never run this: the slices are committed. It documents exactly which real documents the demo
+ships (see SOURCES.md here for repositories, commits and licences) and lets a maintainer recut them:
+
+    python workflow/resources/demo/slice_from_shared.py ../shared/data
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# (output file, corpus file, source prefix, first N documents of that source)
+CORPUS = [
+    ("corpus/zh_web/cmrc2018_dev.jsonl", "zh_modern.jsonl", "cmrc2018/squad-style-data/cmrc2018_dev.json", 400),
+    ("corpus/zh_web/rust_book_cn.jsonl", "zh_modern.jsonl", "rust-lang-cn/book-cn/", 80),
+    ("corpus/zh_web/wangdoc_bash.jsonl", "zh_modern.jsonl", "wangdoc/bash-tutorial/", 108),
+    ("corpus/zh_books/tang300.jsonl", "zh_classical.jsonl", "chinese-poetry/全唐诗/唐诗三百首.json", 366),
+    ("corpus/zh_books/mengxue_tang300.jsonl", "zh_classical.jsonl", "chinese-poetry/蒙学/tangshisanbaishou.json", 320),
+    ("corpus/zh_books/song300.jsonl", "zh_classical.jsonl", "chinese-poetry/宋词/宋词三百首.json", 280),
+    ("corpus/zh_books/ci_song_0.jsonl", "zh_classical.jsonl", "chinese-poetry/宋词/ci.song.0.json", 1000),
+    ("corpus/zh_books/tang_error_0.jsonl", "zh_classical.jsonl", "chinese-poetry/全唐诗/error/poet.tang.0.json", 280),
+    ("corpus/en_replay/news_from_nowhere.jsonl", "en_gutenberg.jsonl", "gutenberg/3261.txt", 80),
+    ("corpus/en_replay/news_from_nowhere_old.jsonl", "en_gutenberg.jsonl", "gutenberg/3261-old/", 80),
+    ("corpus/en_replay/devils_dictionary.jsonl", "en_gutenberg.jsonl", "gutenberg/972.txt", 40),
+    ("heldout/zh_modern.jsonl", "zh_modern.jsonl", "cmrc2019/data/cmrc2019_dev.json", 60),
+    ("heldout/en.jsonl", "en_gutenberg.jsonl", "char-rnn/tinyshakespeare/", 40),
+]
+
+BENCHMARKS = {
+    "ceval": ["dev/{s}_dev.csv", "val/{s}_val.csv"],
+    "cmmlu": ["dev/{s}.csv", "test/{s}.csv"],
+    "mmlu": ["dev/{s}_dev.csv", "test/{s}_test.csv"],
+}
+SUBJECTS = {
+    "ceval": ["computer_architecture", "high_school_chinese", "logic"],
+    "cmmlu": ["agronomy", "chinese_foreign_policy", "computer_science"],
+    "mmlu": ["marketing", "philosophy", "us_foreign_policy"],
+}
+
+
+def main(shared: Path) -> None:
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for out, corpus, prefix, n in CORPUS:
+        with open(shared / "corpus" / corpus, encoding="utf-8") as f:
+            lines = [line for line in f if json.loads(line)["source"].startswith(prefix)]
+        by_file[out] = lines[:n]
+    for out, lines in by_file.items():
+        p = HERE / out
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("".join(lines), encoding="utf-8")
+    for bench, patterns in BENCHMARKS.items():
+        for s in SUBJECTS[bench]:
+            for pat in patterns:
+                rel = pat.format(s=s)
+                dst = HERE / "benchmarks" / bench / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(shared / bench / rel, dst)
+    tok = HERE / "tokenizer"
+    tok.mkdir(exist_ok=True)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(shared / "tokenizer" / "mistral-7b-v0.3" / name, tok / name)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data"))
