@@ -29,3 +29,10 @@ def read_texts(path: Path, n: int | None = None) -> list[str]:
             if n is not None and len(out) >= n:
                 break
     return out
+
+
+def schema_section(name: str) -> dict:
+    """The JSON-Schema of one config section, from the one config/schema.yaml."""
+    import yaml
+
+    return yaml.safe_load((REPO / "config" / "schema.yaml").read_text(encoding="utf-8"))["properties"][name]

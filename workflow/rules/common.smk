@@ -77,6 +77,13 @@ def stage_params(section, **extra):
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
+def signature_params():
+    from cptflow.dedup.minhash import DedupConfig
+    from cptflow.config import from_dict
+
+    return json.dumps(from_dict(DedupConfig, config["dedup"], "dedup").signature_params(), sort_keys=True)
+
+
 def benchmarks_for(names):
     known = {b["name"]: b for b in config["benchmarks"]}
     missing = [n for n in (names or []) if n not in known]

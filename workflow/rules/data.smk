@@ -60,7 +60,8 @@ rule signature:
         sig=f"{DATA}/dedup/signatures/{{source}}/{{part}}.npz",
         stats=f"{DATA}/dedup/signatures/{{source}}/{{part}}.stats.json",
     params:
-        cfg=lambda wc: stage_params("dedup"),
+        # Only the settings a signature depends on: changing min_jaccard reruns bands, not signatures.
+        cfg=lambda wc: signature_params(),
     log:
         f"{LOGS}/signature/{{source}}/{{part}}.log",
     threads: 1
@@ -153,9 +154,8 @@ rule decontaminate_index:
         index=f"{DATA}/decontaminate/index.npz",
         stats=f"{DATA}/decontaminate/index.stats.json",
     params:
-        cfg=lambda wc: stage_params(
-            "decontaminate", benchmarks=benchmarks_for(config["decontaminate"]["benchmarks"])
-        ),
+        cfg=lambda wc: stage_params("decontaminate"),
+        benchmarks=lambda wc: json.dumps(benchmarks_for(config["decontaminate"]["benchmarks"]), sort_keys=True),
     log:
         f"{LOGS}/decontaminate_index/index.log",
     threads: 1
@@ -165,7 +165,8 @@ rule decontaminate_index:
     conda:
         ENV
     shell:
-        "python -m cptflow.decontaminate index --output {output.index:q} --stats {output.stats:q}"
+        "python -m cptflow.decontaminate index --benchmarks {params.benchmarks:q}"
+        " --output {output.index:q} --stats {output.stats:q}"
         " --params {params.cfg:q} --log {log:q} 2>> {log:q}"
 
 
@@ -178,9 +179,7 @@ rule decontaminate:
         dropped=f"{DATA}/decontaminate/{{source}}/{{part}}.dropped.jsonl",
         stats=f"{DATA}/decontaminate/{{source}}/{{part}}.stats.json",
     params:
-        cfg=lambda wc: stage_params(
-            "decontaminate", benchmarks=benchmarks_for(config["decontaminate"]["benchmarks"])
-        ),
+        cfg=lambda wc: stage_params("decontaminate"),
     log:
         f"{LOGS}/decontaminate/{{source}}/{{part}}.log",
     threads: 1
