@@ -26,7 +26,9 @@ EXPECTED_DROPS = {
     "zh_books/song300.jsonl": (280, {}),
     "zh_books/tang300.jsonl": (366, {}),
     "zh_books/tang_error_0.jsonl": (280, {"clean_placeholders": 1}),
-    "zh_web/cmrc2018_dev.jsonl": (400, {}),
+    "zh_web/cmrc2018_dev.jsonl": (848, {}),
+    "zh_web/cmrc2018_trial.jsonl": (200, {}),
+    "zh_web/cmrc2019_trial.jsonl": (139, {}),
     "zh_web/rust_book_cn.jsonl": (80, {}),
     "zh_web/wangdoc_bash.jsonl": (108, {}),
 }

@@ -160,7 +160,7 @@ def test_index_is_deterministic_and_checked(planted, specs, tmp_path):
 
 
 def test_clean_demo_corpus_is_not_flagged(demo_dir, specs):
-    """Precision on real text: none of the 3,134 demo corpus and held-out documents contains a question."""
+    """Precision on real text: none of the 3,977 demo corpus and held-out documents contains a question."""
     cfg = DecontaminateConfig()
     qs = [(q, s["lang"]) for s in specs for split in ("dev", "val", "test")
           if (Path(s["path"]) / split).is_dir() for q in read_questions(BenchmarkSpec(**s), split)]
@@ -169,7 +169,7 @@ def test_clean_demo_corpus_is_not_flagged(demo_dir, specs):
     mult = multipliers(0xDEC0, 20)
     files = sorted((demo_dir / "corpus").glob("*/*.jsonl")) + sorted((demo_dir / "heldout").glob("*.jsonl"))
     texts = [t for f in files for t in read_texts(f)]
-    assert len(texts) == 3134
+    assert len(texts) == 3977
     assert [t[:60] for t in texts if find_match(t, lookup, mult) is not None] == []
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# (output file, corpus file, source prefix, first N documents of that source)
+# (output file, corpus file, source prefix, first N documents of that source, or a (start, stop) slice)
 CORPUS = [
-    ("corpus/zh_web/cmrc2018_dev.jsonl", "zh_modern.jsonl", "cmrc2018/squad-style-data/cmrc2018_dev.json", 400),
+    ("corpus/zh_web/cmrc2018_dev.jsonl", "zh_modern.jsonl", "cmrc2018/squad-style-data/cmrc2018_dev.json", 848),
+    ("corpus/zh_web/cmrc2018_trial.jsonl", "zh_modern.jsonl", "cmrc2018/squad-style-data/cmrc2018_trial.json", 200),
+    ("corpus/zh_web/cmrc2019_trial.jsonl", "zh_modern.jsonl", "cmrc2019/data/cmrc2019_trial.json", 139),
     ("corpus/zh_web/rust_book_cn.jsonl", "zh_modern.jsonl", "rust-lang-cn/book-cn/", 80),
     ("corpus/zh_web/wangdoc_bash.jsonl", "zh_modern.jsonl", "wangdoc/bash-tutorial/", 108),
     ("corpus/zh_books/tang300.jsonl", "zh_classical.jsonl", "chinese-poetry/全唐诗/唐诗三百首.json", 366),
@@ -29,7 +31,9 @@ CORPUS = [
     ("corpus/en_replay/news_from_nowhere.jsonl", "en_gutenberg.jsonl", "gutenberg/3261.txt", 80),
     ("corpus/en_replay/news_from_nowhere_old.jsonl", "en_gutenberg.jsonl", "gutenberg/3261-old/", 80),
     ("corpus/en_replay/devils_dictionary.jsonl", "en_gutenberg.jsonl", "gutenberg/972.txt", 40),
+    # Held-out modern Chinese: stories and Wikipedia articles the corpus above does not contain.
     ("heldout/zh_modern.jsonl", "zh_modern.jsonl", "cmrc2019/data/cmrc2019_dev.json", 60),
+    ("heldout/zh_modern.jsonl", "zh_modern.jsonl", "cmrc2018/squad-style-data/cmrc2018_trial.json", (200, 256)),
     ("heldout/en.jsonl", "en_gutenberg.jsonl", "char-rnn/tinyshakespeare/", 40),
 ]
 
@@ -50,7 +54,8 @@ def main(shared: Path) -> None:
     for out, corpus, prefix, n in CORPUS:
         with open(shared / "corpus" / corpus, encoding="utf-8") as f:
             lines = [line for line in f if json.loads(line)["source"].startswith(prefix)]
-        by_file[out] = lines[:n]
+        start, stop = n if isinstance(n, tuple) else (0, n)
+        by_file[out] += lines[start:stop]
     for out, lines in by_file.items():
         p = HERE / out
         p.parent.mkdir(parents=True, exist_ok=True)
