@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,7 +57,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         inner = args[0]
         items = [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):
         for a in args:
             if dataclasses.is_dataclass(a) and isinstance(value, Mapping):
                 return from_dict(a, value, where)

@@ -38,6 +38,19 @@ def repo_path(path):
     return alt if os.path.exists(alt) else path
 
 
+def repo_glob(patterns):
+    """Expand glob patterns from the working directory, else from the repository; sorted, unique."""
+    import glob
+
+    found = set()
+    for pat in patterns:
+        hits = glob.glob(pat) if os.path.isabs(pat) else glob.glob(pat) or glob.glob(os.path.join(workflow.basedir, pat))
+        if not hits:
+            raise ValueError(f"config: pattern {pat!r} matches no file")
+        found.update(hits)
+    return sorted(found)
+
+
 for _b in config["benchmarks"]:
     _b["path"] = repo_path(_b["path"])
 for _lang, _p in list(config["heldout"].items()):
@@ -59,6 +72,7 @@ wildcard_constraints:
     part=_alternatives(PARTS),
     category=_alternatives(CATEGORIES),
     group=r"\d+",
+    model="base|adapted",
 
 
 def input_file(wildcards):
@@ -70,9 +84,16 @@ def per_file(pattern, files=None):
     return [pattern.format(source=f.source, part=f.part) for f in (files or INPUTS)]
 
 
+def with_run_seed(section):
+    """Apply the top-level `seed` (when set) to a stage section that has a seed of its own."""
+    if config.get("seed") is not None and "seed" in section:
+        section["seed"] = config["seed"]
+    return section
+
+
 def stage_params(section, **extra):
     """The JSON of one config section: a rule reruns when (and only when) its own section changes."""
-    value = dict(config.get(section) or {})
+    value = with_run_seed(dict(config.get(section) or {}))
     value.update(extra)
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
@@ -81,7 +102,8 @@ def signature_params():
     from cptflow.dedup.minhash import DedupConfig
     from cptflow.config import from_dict
 
-    return json.dumps(from_dict(DedupConfig, config["dedup"], "dedup").signature_params(), sort_keys=True)
+    cfg = from_dict(DedupConfig, with_run_seed(dict(config["dedup"])), "dedup")
+    return json.dumps(cfg.signature_params(), sort_keys=True)
 
 
 def benchmarks_for(names):
@@ -108,17 +130,56 @@ def after_clusters(pattern):
 
 
 def final_targets():
-    return [f"{DATA}/funnel.md"]
+    """Everything a full run ends with: the report (which needs every stage) and the funnel."""
+    return [f"{DATA}/funnel.md", f"{RUN}/report/summary.md"]
 
 
 def print_funnel():
     md = Path(f"{DATA}/funnel.md")
     if md.exists():
         print(f"\nData funnel ({md}):\n\n{md.read_text(encoding='utf-8')}", file=sys.stderr)
-        print(f"Outputs: {Path(RUN).resolve()}  (logs: {LOGS})", file=sys.stderr)
+    summary = Path(f"{RUN}/report/summary.md")
+    if summary.exists():
+        print(f"Report: {summary}  (HTML: snakemake --report {RUN}/report/report.html)", file=sys.stderr)
+    print(f"Outputs: {Path(RUN).resolve()}  (logs: {LOGS})", file=sys.stderr)
 
 
 def after_clusters_all(paths):
     """Like after_clusters, for an input function that returns a list of paths."""
     checkpoints.clusters.get()
     return paths
+
+
+# ---- models and training ----------------------------------------------------------------------
+MODEL = f"{RUN}/model"
+
+
+def train_stage_names():
+    from cptflow.train_config import stage_names
+
+    return stage_names(config["train"])
+
+
+def train_params(stage):
+    from cptflow.train_config import resolve_stage
+
+    cfg = with_run_seed(resolve_stage(config["train"], stage))
+    if cfg.get("deepspeed"):
+        cfg["deepspeed"] = repo_path(cfg["deepspeed"])
+    return json.dumps(cfg, sort_keys=True, ensure_ascii=False)
+
+
+def previous_model(stage):
+    names = train_stage_names()
+    i = names.index(stage)
+    return f"{MODEL}/init" if i == 0 else f"{RUN}/train/{names[i - 1]}/model"
+
+
+def base_model_dir():
+    """The base model: a Hugging Face directory from config, or the tiny bootstrapped one."""
+    path = config["base_model"].get("path")
+    return repo_path(path) if path else f"{MODEL}/base"
+
+
+def adapted_model_dir():
+    return f"{RUN}/train/{train_stage_names()[-1]}/model"
