@@ -22,7 +22,9 @@ from cptflow.log import setup
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default="", help="stage config as JSON, or @file.(json|yaml)")
-    p.add_argument("--log", default=None, help="log file (default: stderr only)")
+    # --log-file is the spelling to use behind torchrun, whose own parser would take `--log` for an
+    # ambiguous abbreviation of its --log-dir/--logs-specs and stop.
+    p.add_argument("--log", "--log-file", dest="log", default=None, help="log file (default: stderr only)")
     return p
 
 

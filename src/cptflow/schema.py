@@ -51,3 +51,84 @@ def validate_with_defaults(cfg: dict[str, Any], schema: dict[str, Any] | str | P
             lines.append(f"  config key '{where}': {e.message}")
         raise ConfigError("config does not match config/schema.yaml:\n" + "\n".join(lines))
     return cfg
+
+
+# ---- config/config.yaml: the defaults, with every key's description as a comment ---------------
+
+def _wrap(text: str, indent: str, width: int = 100) -> list[str]:
+    import textwrap
+
+    return [f"{indent}# {line}" for line in textwrap.wrap(" ".join(text.split()), width - len(indent) - 2)]
+
+
+def _scalar(value: Any) -> str:
+    out = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10_000).strip()
+    return out[:-4].rstrip() if out.endswith("\n...") else out.removesuffix("...").strip()
+
+
+def _render(schema: dict[str, Any], values: dict[str, Any], indent: str) -> list[str]:
+    lines: list[str] = []
+    for key, sub in schema.get("properties", {}).items():
+        if key not in values:
+            continue
+        value = values[key]
+        if sub.get("description"):
+            lines += _wrap(sub["description"], indent)
+        if isinstance(value, dict) and "properties" in sub:
+            lines.append(f"{indent}{key}:" + (" {}" if not value else ""))
+            lines += _render(sub, value, indent + "  ")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            item = sub.get("items", {})
+            for field_name, field_schema in item.get("properties", {}).items():
+                if field_schema.get("description"):
+                    lines += _wrap(f"  {field_name}: {field_schema['description']}", indent)
+            block = yaml.safe_dump({key: value}, sort_keys=False, allow_unicode=True, width=100,
+                                   default_flow_style=None)
+            lines += [indent + line for line in block.rstrip("\n").split("\n")]
+        else:
+            lines.append(f"{indent}{key}: {_scalar(value)}")
+        if not indent:
+            lines.append("")
+    return lines
+
+
+def documented_config(values: dict[str, Any], schema: dict[str, Any] | None = None, header: str = "") -> str:
+    """YAML of ``values`` in schema order, each key preceded by its description as a comment."""
+    schema = schema or load_schema()
+    lines = [f"# {h}" if h else "#" for h in header.splitlines()] + [""] if header else []
+    return "\n".join(lines + _render(schema, values, "")).rstrip("\n") + "\n"
+
+
+CONFIG_HEADER = """cptflow run config: every key with its default value and what it does.
+Generated from config/schema.yaml by `python -m cptflow.schema` (tests/test_config.py keeps them equal).
+Copy this file for your own run and edit it; unknown keys are errors, missing keys take these defaults.
+The sources, benchmarks and held-out text below are the small real data the repository ships."""
+
+DEFAULT_INPUTS = {
+    "run": "default",
+    "sources": [
+        {"name": "zh_web", "category": "zh_web", "paths": ["workflow/resources/demo/corpus/zh_web/*.jsonl"], "lang": "zh"},
+        {"name": "zh_books", "category": "zh_books", "paths": ["workflow/resources/demo/corpus/zh_books/*.jsonl"], "lang": "zh"},
+        {"name": "en_replay", "category": "en_replay", "paths": ["workflow/resources/demo/corpus/en_replay/*.jsonl"], "lang": "en"},
+    ],
+    "benchmarks": [
+        {"name": "ceval", "path": "workflow/resources/demo/benchmarks/ceval", "layout": "ceval", "lang": "zh", "eval_split": "val"},
+        {"name": "cmmlu", "path": "workflow/resources/demo/benchmarks/cmmlu", "layout": "cmmlu", "lang": "zh", "eval_split": "test"},
+        {"name": "mmlu", "path": "workflow/resources/demo/benchmarks/mmlu", "layout": "mmlu", "lang": "en", "eval_split": "test"},
+    ],
+    "heldout": {"zh": "workflow/resources/demo/heldout/zh_modern.jsonl", "en": "workflow/resources/demo/heldout/en.jsonl"},
+}
+
+
+def default_config_text() -> str:
+    values = validate_with_defaults(copy.deepcopy(DEFAULT_INPUTS))
+    ordered = {k: values[k] for k in load_schema()["properties"] if k in values}
+    return documented_config(ordered, header=CONFIG_HEADER)
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else SCHEMA_PATH.parent / "config.yaml"
+    target.write_text(default_config_text(), encoding="utf-8")
+    print(f"wrote {target}")

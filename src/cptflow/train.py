@@ -8,7 +8,7 @@ Launch (always torchrun, never ``accelerate launch``; a plain ``python -m`` is o
 
     torchrun --nproc_per_node N -m cptflow.train --model DIR --data DIR --output-dir DIR \\
         --checkpoint-dir DIR --metrics M.jsonl [--tensorboard-dir DIR] --stats S.json \\
-        --params '<TrainStageConfig json>' --log L
+        --params '<TrainStageConfig json>' --log-file L
 
 CPU: DDP over gloo, fp32 or bf16 autocast. GPU: DDP over NCCL, or DeepSpeed ZeRO-1/2/3 when the
 stage names a json (``deepspeed: config/deepspeed/zero2.json``); flash-attn 2 when importable.

@@ -35,4 +35,4 @@ rule train:
         " --model {input.model:q} --data {input.data:q} --output-dir {output.model:q}"
         " --checkpoint-dir {params.checkpoints:q} --metrics {output.metrics:q}"
         " --tensorboard-dir {output.tensorboard:q} --stats {output.stats:q}"
-        " --params {params.cfg:q} --log {log:q} 2>> {log:q}"
+        " --params {params.cfg:q} --log-file {log:q} 2>> {log:q}"
