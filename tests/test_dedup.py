@@ -214,11 +214,13 @@ def test_detection_rate_follows_jaccard(demo_dir):
     found = {tuple(p) for p in find_pairs(minhash(texts, langs, cfg), None, cfg, range(cfg.bands)).tolist()}
     assert all(j == i + 1 and i % 2 == 0 for i, j in found)  # only planted pairs, no unrelated documents
     hit = np.array([(2 * i, 2 * i + 1) in found for i in range(len(true_j))])
-    assert not hit[true_j < 0.6].any() and (true_j < 0.6).sum() > 30
+    assert not hit[true_j < 0.55].any() and (true_j < 0.55).sum() > 8
     assert hit[true_j >= 0.8].all() and (true_j >= 0.8).sum() > 50
-    truth = true_j >= cfg.min_jaccard
+    # "Near duplicate" means true Jaccard >= 0.7; verification sits at 0.65 to absorb estimate noise.
+    truth = true_j >= 0.7
     recall, precision = (hit & truth).sum() / truth.sum(), (hit & truth).sum() / hit.sum()
-    assert recall >= 0.95 and precision >= 0.93, (recall, precision)
+    print(f"near-dup recall {recall:.3f} precision {precision:.3f} on {truth.sum()} planted pairs at J >= 0.7")
+    assert recall >= 0.98 and precision >= 0.85, (recall, precision)
 
 
 def test_apply_splits_kept_and_dropped(planted):
@@ -319,13 +321,18 @@ def test_command_line_entry_point_and_errors(tmp_path, planted):
 # tang300.jsonl (全唐诗's 唐诗三百首) against mengxue_tang300.jsonl (蒙学's copy), both traditional script:
 # 40 poems are byte-identical and 11 more differ only in line breaks (exact after normalisation);
 # 112 are the same poem with variant characters (鬆/松, 荊/荆) or another title ("雜曲歌辭 清平調 一"
-# vs "清平調·雲想衣裳花想容"), and 4 poems occur twice inside tang300 under two titles. Short poems
-# with two or more variant characters fall below Jaccard 0.7 on 5-character shingles and are kept.
+# vs "清平調·雲想衣裳花想容"), and 4 poems occur twice inside tang300 under two titles. With the
+# verification threshold at 0.65 (was 0.7) 27 more short poems with variant characters are found;
+# shorter poems with several variants fall below it and are kept.
 TANG_EXACT = 51
-TANG_NEAR = 112 + 4
+TANG_NEAR = 112 + 4 + 27
 # news_from_nowhere_old.jsonl is an older transcription of the same book cut into other chunks: the
-# 48 chunks that overlap a chunk of the new one at Jaccard >= 0.9 go; partial overlaps (< 0.7) stay.
-NEWS_OLD_DROPS = 48
+# 48 chunks that overlap a chunk of the new one at Jaccard >= 0.9 go, and 2 that overlap one at ~0.7;
+# smaller partial overlaps stay.
+NEWS_OLD_DROPS = 50
+# The same poem under two attributions: 春宮怨 is given to 杜荀鶴 and to 周朴; 劉昚虛 is written 劉眘虛
+# in the other edition (a variant character in the poet's name). Both pairs are true duplicates.
+ATTRIBUTED_TWICE = [("春宮怨 周朴", "春宮怨 杜荀鶴"), ("闕題 劉眘虛", "闕題 劉昚虛")]
 
 
 def test_demo_corpus_duplicates(tmp_path, demo_dir):
@@ -345,10 +352,14 @@ def test_demo_corpus_duplicates(tmp_path, demo_dir):
     counts = {k: sum(r["reason"] == k for r in tang) for k in ("dedup_exact", "dedup_near")}
     assert counts == {"dedup_exact": TANG_EXACT, "dedup_near": TANG_NEAR}, counts
     assert read_jsonl(run["mengxue_tang300.drop"]) == []  # "mengxue" < "tang300": that copy is kept
+    other_poet = []
     for r in tang:  # precision: a removed poem has the kept one's poet, or the very same body
         (title, body), (k_title, k_body) = (texts[r["id"]].split("\n", 1), texts[r["kept"]].split("\n", 1))
         same_body = normalise_for_hash(body, "zh") == normalise_for_hash(k_body, "zh")
-        assert title.split()[-1] == k_title.split()[-1] or same_body, (title, k_title)  # 秋夜曲: 王涯 / 王維
+        if not (title.split()[-1] == k_title.split()[-1] or same_body):
+            other_poet.append((title, k_title))
+    # The two editions attribute these poems to different poets (a real disagreement of the sources).
+    assert sorted(other_poet) == ATTRIBUTED_TWICE, other_poet
     kept_from = {r["kept"].split(":")[0] for r in tang}
     assert kept_from == {"zh_books/mengxue_tang300", "zh_books/tang300"}  # tang300 also repeats itself
     old = read_jsonl(run["news_from_nowhere_old.drop"])
