@@ -3,72 +3,34 @@
 Jobs really go through sbatch: two ordinary jobs, and one 2-node job whose shell runs
 ``python -m cptflow.launch --nodes 2`` -> ``srun`` -> one ``torchrun`` agent per node -> a gloo all_reduce
 (tests/slurm/dist_probe.py, the stand-in for cptflow.train). The cluster is started once per session and
-stopped at the end. It is skipped only where the cluster cannot run (not root, no apt-get, a real cluster's
-slurm.conf present: cluster.sh exit status 3); with CI or CPTFLOW_REQUIRE_SLURM=1 in the environment that
-is a failure instead, so CI cannot pass without running it.
+stopped at the end (fixture ``slurm_cluster`` in conftest.py, shared with tests/test_slurm_workflow.py).
+It is skipped only where the cluster cannot run (not root, no apt-get, a real cluster's slurm.conf
+present: cluster.sh exit status 3); with CI or CPTFLOW_REQUIRE_SLURM=1 in the environment that is a
+failure instead, so CI cannot pass without running it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
+from conftest import REPO, slurm_env
+
 SNAKEFILE = REPO / "tests" / "slurm" / "Snakefile"
 PROFILE = REPO / "profiles" / "slurm"
 TEST_PROFILE = PROFILE / "test"
 
 
-def _env() -> dict[str, str]:
-    """The venv's bin/ first on PATH: the rules' `python` and the jobs (sbatch --export=ALL) use it."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def _must_run() -> bool:
-    return bool(os.environ.get("CI")) or os.environ.get("CPTFLOW_REQUIRE_SLURM") == "1"
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[None]:
-    """Start the test cluster (install on first use); stop it afterwards unless it was already running."""
-    if shutil.which("bash") is None:
-        pytest.skip("bash is missing")
-    try:
-        proc = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=900)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"tests/slurm/cluster.sh start timed out:\n{e.stdout}\n{e.stderr}")
-    out = proc.stdout + proc.stderr
-    if proc.returncode == 3:
-        reason = f"SLURM test cluster cannot run on this machine: {proc.stderr.strip()}"
-        if _must_run():
-            pytest.fail(reason + " (CI / CPTFLOW_REQUIRE_SLURM=1: this test must run)")
-        pytest.skip(reason)
-    assert proc.returncode == 0, f"tests/slurm/cluster.sh start failed:\n{out}"
-    print(out)  # timings, shown with pytest -s
-    started_here = "already running" not in out
-    yield
-    if started_here:
-        stop = subprocess.run([str(CLUSTER), "stop"], capture_output=True, text=True, timeout=120)
-        print(stop.stdout + stop.stderr)
-        assert stop.returncode == 0, stop.stdout + stop.stderr
-
-
 def _snakemake(workdir: Path, profile: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), "--profile", str(profile),
            *extra]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=slurm_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _scontrol_job(job_id: str) -> dict[str, str]:

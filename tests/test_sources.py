@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from cptflow.config import ConfigError
@@ -8,8 +10,18 @@ def test_demo_sources_resolve_to_one_entry_per_file(repo):
     files = resolve_sources(
         [{"name": "zh_web", "category": "zh_web", "paths": ["workflow/resources/demo/corpus/zh_web/*.jsonl"]}], repo
     )
-    assert [f.key for f in files] == ["zh_web/cmrc2018_dev", "zh_web/rust_book_cn", "zh_web/wangdoc_bash"]
+    assert [f.key for f in files] == ["zh_web/cmrc2018_dev", "zh_web/cmrc2018_trial", "zh_web/cmrc2019_trial",
+                                      "zh_web/rust_book_cn", "zh_web/wangdoc_bash"]
+    assert all(Path(f.path).exists() for f in files)
     assert all(f.lang == "zh" and f.text_field == "text" for f in files)
+
+
+def test_paths_found_from_another_working_directory(repo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = resolve_sources(
+        [{"name": "en", "category": "en", "paths": ["workflow/resources/demo/corpus/en_replay/*.jsonl"], "lang": "en"}], repo
+    )
+    assert files and all(Path(f.path).is_absolute() and Path(f.path).exists() for f in files)
 
 
 def test_part_names_strip_corpus_extensions():

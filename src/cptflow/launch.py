@@ -22,6 +22,8 @@ Why the details are as they are (checked on a two-virtual-node SLURM 22.05 clust
   host have NodeAddr 127.0.0.1), and on ordinary clusters NodeAddr defaults to the resolvable node name.
 - MASTER_PORT is derived from SLURM_JOB_ID so two training jobs sharing a first node use different ports
   (unless their job ids differ by a multiple of 20000).
+- Each node's task prints one line to stderr (the rule's log): ``cptflow launch: node <name> node-rank <r>
+  of <N>, master <addr>:<port>``.
 - ``srun --kill-on-bad-exit=1``: when one node's agent dies the others are killed instead of waiting for
   the rendezvous timeout.
 - torchrun is started as ``<python> -m torch.distributed.run`` (what the ``torchrun`` script runs) with the
@@ -105,6 +107,10 @@ def node_script(cfg: LaunchConfig, args: Sequence[str]) -> str:
         'addr=$(scontrol show node -o "$first" | tr " " "\\n" | sed -n "s/^NodeAddr=//p")',
         'export MASTER_ADDR="${addr:-$first}"',
         f"export MASTER_PORT=$(( {cfg.port_base} + SLURM_JOB_ID % {cfg.port_span} ))",
+        # one line per node in the rule's log: which node got which node rank, and where the master is
+        # (what to look at first when a multi-node job hangs at the rendezvous)
+        f'echo "cptflow launch: node ${{SLURMD_NODENAME:-$(hostname)}} node-rank $SLURM_NODEID of {cfg.nodes},'
+        ' master $MASTER_ADDR:$MASTER_PORT" >&2',
         f'exec {torchrun} --node-rank="$SLURM_NODEID" --master-addr="$MASTER_ADDR"'
         f' --master-port="$MASTER_PORT" {worker}',
     ]

@@ -264,14 +264,16 @@ def zero_param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     if not any(hasattr(p, "ds_shape") for p in model.parameters()):
         return modeling.param_groups(model, weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if len(p.ds_shape) >= 2]
-    no_decay = [p for p in trainable if len(p.ds_shape) < 2]
+    decay = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) < 2]
     return [{"params": decay, "weight_decay": weight_decay}] + (
         [{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
 
 
 class DeepSpeedEngine:
-    """DeepSpeed ZeRO (GPU): ``deepspeed.initialize`` with our AdamW and the filled json config."""
+    """DeepSpeed ZeRO: ``deepspeed.initialize`` with our AdamW and the filled json config.
+
+    Meant for GPUs; also runs on CPU over gloo (fp32), which is how tests/test_deepspeed.py checks it."""
 
     def __init__(self, model: Any, cfg: Any, info: DistInfo, ds_config: dict[str, Any]):
         import deepspeed  # optional extra: pip install -e .[deepspeed]

@@ -76,10 +76,13 @@ def resolve_sources(sources: list[dict[str, Any]], root: str | Path = ".") -> li
                     raise ConfigError(f"{where}: files {files[part]} and {m} both map to part name {part!r}; rename one")
                 files[part] = m
         for part in sorted(files):
-            rel = files[part]
+            # Relative to the working directory where possible (short, portable paths in logs and
+            # manifests), else absolute: a file found under the repository must still be found from
+            # a run in another working directory.
+            path = Path(files[part]).resolve()
             try:
-                rel = str(Path(rel).resolve().relative_to(root.resolve()))
+                shown = str(path.relative_to(Path.cwd().resolve()))
             except ValueError:
-                pass
-            out.append(InputFile(spec.name, part, rel, spec.category, spec.lang, spec.text_field))
+                shown = str(path)
+            out.append(InputFile(spec.name, part, shown, spec.category, spec.lang, spec.text_field))
     return out
