@@ -17,10 +17,9 @@ runs it in three invocations on one working directory:
 3. SLURM: the rest -- both training stages (2 nodes each), funnel, delta make + round trip, evaluation of
    both models, compare, report -- and it must resubmit nothing that 1 and 2 made.
 
-``--cores 2``: under SLURM some rules size their threads from ``workflow.cores``, which Snakemake 9 leaves
-undefined with a cluster executor unless --cores is given (the run then stops with "Workflow requires a
-total number of cores to be defined"; a dry run does not show it). Note --cores also caps every rule's
-threads, so it must be >= set-threads of rule train (2 here).
+``--cores 2`` caps every rule's threads at what this 2-core machine has (pack asks for 4). It must be
+>= set-threads of rule train (2 here). Rules state fixed thread counts, never ``workflow.cores``, which
+Snakemake 9 leaves undefined under a cluster executor unless --cores is given.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ block only.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -36,7 +35,7 @@ from typing import Any
 from cptflow.cli import stage_main
 from cptflow.config import ConfigError, from_dict, to_dict
 from cptflow.hf import copy_tokenizer, load_tokenizer, raw_text_encoder, save_model
-from cptflow.io import atomic_path, write_jsonl
+from cptflow.io import atomic_path, iter_records, write_jsonl
 from cptflow.stats import Stats, Timer, write_manifest
 
 VERSION = 1
@@ -108,18 +107,11 @@ def read_texts(paths: Iterable[str | Path]) -> list[str]:
     """The ``text`` field of every record of the given JSONL files, in file then line order."""
     texts: list[str] = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-                text = rec.get("text") if isinstance(rec, dict) else None
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{lineno}: record has no string field 'text'")
-                texts.append(text)
+        for lineno, rec in iter_records(path):
+            text = rec.get("text") if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{lineno}: record has no string field 'text'")
+            texts.append(text)
     return texts
 
 

@@ -13,14 +13,12 @@ tokenizer, or any function from a string to ids, so the vocab and eval stages me
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cptflow.io import PathLike, atomic_path, write_json
+from cptflow.io import PathLike, atomic_path, iter_records, write_json
 
 if TYPE_CHECKING:
     from cptflow.stats import Stats
@@ -135,20 +133,12 @@ def iter_texts(path: PathLike, lang: str = "", stats: Stats | None = None) -> It
                 if keep(data["lang"][i] if "lang" in data else None):
                     yield text
         return
-    opener = gzip.open if p.endswith(".gz") else open
-    with opener(p, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{lineno}: not valid JSON ({e.msg})") from e
-            text = rec.get("text") if isinstance(rec, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{p}:{lineno}: no string field 'text'")
-            if keep(rec.get("lang")):
-                yield text
+    for lineno, rec in iter_records(p):
+        text = rec.get("text") if isinstance(rec, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{p}:{lineno}: no string field 'text'")
+        if keep(rec.get("lang")):
+            yield text
 
 
 def read_texts(path: PathLike) -> list[str]:

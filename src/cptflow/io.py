@@ -97,10 +97,11 @@ def write_jsonl(path: PathLike, records: Iterable[dict[str, Any]]) -> int:
     return n
 
 
-def iter_jsonl(path: PathLike) -> Iterator[dict[str, Any]]:
-    """Read a JSONL file that cptflow itself wrote (trusted: errors name the file and line).
+def iter_records(path: PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of every non-blank line of a JSONL(.gz) file cptflow or a user wrote.
 
-    Raw, untrusted corpora go through ``cptflow.ingest`` instead, which quarantines bad lines.
+    A line that is not JSON raises ``ValueError`` naming ``path:line``. Raw, untrusted corpora go
+    through ``cptflow.ingest`` instead, which quarantines bad lines and goes on.
     """
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
@@ -108,9 +109,15 @@ def iter_jsonl(path: PathLike) -> Iterator[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+
+
+def iter_jsonl(path: PathLike) -> Iterator[dict[str, Any]]:
+    """The records of a JSONL file that cptflow itself wrote."""
+    for _, rec in iter_records(path):
+        yield rec
 
 
 def sha256_file(path: PathLike, chunk_bytes: int = 1 << 20) -> str:

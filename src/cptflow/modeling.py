@@ -60,6 +60,16 @@ def embedding_params(model: Any) -> list[torch.nn.Parameter]:
     return params
 
 
+def _numel(p: Any) -> int:
+    # Under ZeRO-3 a loaded parameter is an empty partition; DeepSpeed keeps the real size and shape
+    # as attributes (read here without importing anything distributed).
+    return getattr(p, "ds_numel", p.numel())
+
+
+def _ndim(p: Any) -> int:
+    return len(getattr(p, "ds_shape", p.shape))
+
+
 def set_trainable(model: Any, mode: str) -> int:
     """Set requires_grad on every parameter for ``mode``; return how many elements train.
 
@@ -73,13 +83,13 @@ def set_trainable(model: Any, mode: str) -> int:
     if mode == "embeddings_only":
         for p in embedding_params(model):
             p.requires_grad_(True)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(_numel(p) for p in model.parameters() if p.requires_grad)
 
 
 def non_embedding_params(model: Any) -> int:
     """N of the MFU formula: all parameters except the embedding and output matrices."""
     emb = {id(p) for p in embedding_params(model)}
-    return sum(p.numel() for p in model.parameters() if id(p) not in emb)
+    return sum(_numel(p) for p in model.parameters() if id(p) not in emb)
 
 
 def model_dims(model: Any) -> tuple[int, int]:
@@ -90,8 +100,8 @@ def model_dims(model: Any) -> tuple[int, int]:
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters split for AdamW: decay matrices (dim >= 2), not norms or biases (nanoGPT)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
+    decay = [p for p in trainable if _ndim(p) >= 2]  # matrices decay; norms and biases don't
+    no_decay = [p for p in trainable if _ndim(p) < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -253,23 +253,6 @@ class DDPEngine:
         return self.module.state_dict()
 
 
-def zero_param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """``modeling.param_groups`` that also sees through ZeRO-3 partitioning.
-
-    Under ZeRO-3 the model is partitioned while it loads: each parameter is then an empty 1-D
-    tensor (``p.dim() == 1``, ``numel() == 0``) and DeepSpeed keeps the real shape in ``p.ds_shape``.
-    Split by ``p.dim()`` alone, every matrix would land in the no-decay group and AdamW's weight
-    decay would silently be off (measured: ZeRO-3 then matched a DDP run with weight_decay 0).
-    """
-    if not any(hasattr(p, "ds_shape") for p in model.parameters()):
-        return modeling.param_groups(model, weight_decay)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2]
-    no_decay = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) < 2]
-    return [{"params": decay, "weight_decay": weight_decay}] + (
-        [{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
-
-
 class DeepSpeedEngine:
     """DeepSpeed ZeRO: ``deepspeed.initialize`` with our AdamW and the filled json config.
 
@@ -281,7 +264,7 @@ class DeepSpeedEngine:
         self.info = info
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self.accum = int(ds_config["gradient_accumulation_steps"])
-        self.base_optimizer = torch.optim.AdamW(zero_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+        self.base_optimizer = torch.optim.AdamW(modeling.param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                                 betas=tuple(cfg.betas), eps=cfg.eps)
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=self.base_optimizer, config=ds_config,

@@ -39,7 +39,7 @@ rule bootstrap:
         ),
     log:
         f"{LOGS}/bootstrap/bootstrap.log",
-    threads: max(1, min(workflow.cores, 2))
+    threads: 2
     resources:
         mem_mb=4000,
         runtime=60,
@@ -125,13 +125,13 @@ rule pack:
         shards=lambda wc: " ".join(f"{c}={DATA}/shards/{c}" for c in CATEGORIES),
     log:
         f"{LOGS}/pack/pack.log",
-    threads: max(1, min(workflow.cores, 4))
+    threads: 4
     resources:
         mem_mb=8000,
         runtime=120,
     conda:
         ENV
     shell:
-        "python -m cptflow.pack --tokenizer {input.tokenizer:q} --shards {params.shards}"
+        "python -m cptflow.pack --tokenizer {input.tokenizer:q} --shards {params.shards} --threads {threads}"
         " --output-dir {output.data:q} --counts {output.counts:q} --stats {output.stats:q}"
         " --params {params.cfg:q} --log {log:q} 2>> {log:q}"

@@ -62,14 +62,14 @@ rule evaluate:
         heldout=lambda wc: " ".join(f"--heldout {k}={v}" for k, v in sorted(config["heldout"].items()) if v),
     log:
         f"{LOGS}/evaluate/{{model}}.log",
-    threads: workflow.cores
+    threads: 2
     resources:
         mem_mb=8000,
         runtime=240,
     conda:
         ENV
     shell:
-        "python -m cptflow.evaluate --model {input.model:q} --name {wildcards.model}"
+        "OMP_NUM_THREADS={threads} python -m cptflow.evaluate --model {input.model:q} --name {wildcards.model}"
         " --benchmarks-json {params.benchmarks:q} {params.heldout} --output {output.results:q}"
         " --predictions {output.predictions:q} --stats {output.stats:q}"
         " --params {params.cfg:q} --log {log:q} 2>> {log:q}"

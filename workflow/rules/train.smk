@@ -20,7 +20,7 @@ rule train:
         checkpoints=lambda wc: f"{RUN}/train/{wc.stage}/checkpoints",
     log:
         f"{LOGS}/train/{{stage}}.log",
-    threads: max(1, min(workflow.cores, 2))
+    threads: 2
     resources:
         nodes=1,
         # torchrun workers per node (gloo processes on CPU; GPUs per node on a GPU cluster).

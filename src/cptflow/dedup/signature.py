@@ -14,8 +14,6 @@ The file is byte-identical across runs on the same input (``npzio.write_npz``).
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -27,7 +25,7 @@ from cptflow import cli
 from cptflow.config import from_dict, to_dict
 from cptflow.dedup.minhash import DedupConfig, exact_hash, minhash
 from cptflow.dedup.npzio import write_npz
-from cptflow.io import PathLike
+from cptflow.io import PathLike, iter_records
 from cptflow.stats import Stats, Timer, write_manifest
 
 VERSION = 1  # bump when signatures would change (this file or minhash.py)
@@ -38,21 +36,13 @@ REQUIRED = ("id", "text", "lang")
 
 def iter_documents(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) of an intermediate-format JSONL file; malformed lines name file:line."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            for key in REQUIRED:
-                if not isinstance(rec.get(key), str):
-                    raise ValueError(f"{path}:{lineno}: field {key!r} missing or not a string")
-            yield lineno, rec
+    for lineno, rec in iter_records(path):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object")
+        for key in REQUIRED:
+            if not isinstance(rec.get(key), str):
+                raise ValueError(f"{path}:{lineno}: field {key!r} missing or not a string")
+        yield lineno, rec
 
 
 def signatures(ids: Sequence[str], texts: Sequence[str], langs: Sequence[str], cfg: DedupConfig) -> dict[str, np.ndarray]:
