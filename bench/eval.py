@@ -2,8 +2,8 @@
 
 Usage::
 
-    .venv/bin/python bench/eval.py                    # first 40 questions per subject, writes the `eval` section
-    .venv/bin/python bench/eval.py --max-questions 0      # all 480 questions (~15 min on 2 busy cores)
+    .venv/bin/python bench/eval.py                    # all 480 questions, writes the `eval` section (~6 min)
+    .venv/bin/python bench/eval.py --also-threads 2   # + cptflow with 2 torch threads (contention cost; slow)
     .venv/bin/python bench/eval.py --max-questions 5 --no-write
 
 What is compared. A tiny LLaMA (``python -m cptflow.bootstrap``, trained for a few hundred steps on
@@ -21,9 +21,14 @@ subjects (agronomy, chinese_foreign_policy, computer_science; test split, 5-shot
   delimiter before the answer. The script checks that every prompt lm-eval built equals the one
   cptflow builds, then compares predictions question by question.
 
-lm-eval is NOT a dependency of cptflow: it lives in its own venv (``--lmeval-python``, default
-bench/_work/venv-lmeval, made with ``pip install "lm-eval[hf]" -c constraints.txt``). The stock
-``cmmlu`` task cannot run here: it downloads ``haonan-li/cmmlu`` from the Hub (no network).
+lm-eval is NOT a dependency of cptflow: it lives in its own venv (``--lmeval-python``), made once with::
+
+    python3.11 -m venv bench/_work/venv-lmeval
+    bench/_work/venv-lmeval/bin/pip install "lm-eval[hf]==0.4.13" -c constraints.txt   # torch stays the CPU 2.13.0
+
+The stock ``cmmlu`` task cannot run here: it downloads ``haonan-li/cmmlu`` from the Hub (no network).
+The model is built on first use (``--bootstrap-steps`` steps: about a minute on two idle cores, much
+longer on busy ones) into bench/_work/eval/model and reused afterwards.
 
 Timing: each side runs in its own fresh process; the clock covers model loading, reading the
 questions, building prompts, scoring and metrics, not Python imports (lm-eval's dataset cache is
@@ -244,13 +249,15 @@ def worker_lmeval(args: argparse.Namespace) -> dict:
             "n": {t: len(v) for t, v in samples.items()}}
 
 
-def run_worker(python: str, kind: str, args: argparse.Namespace, extra_env: dict | None = None) -> dict:
+def run_worker(python: str, kind: str, args: argparse.Namespace, extra_env: dict | None = None,
+               threads: int | None = None, out: Path = WORK) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
     cmd = [python, __file__, "--worker", kind, "--model", args.model, "--bench-dir", args.bench_dir,
            "--subjects", *args.subjects, "--shots", str(args.shots), "--batch-size", str(args.batch_size),
-           "--max-questions", str(args.max_questions), "--out", str(WORK), "--task-dir", str(WORK / "tasks")]
+           "--max-questions", str(args.max_questions), "--out", str(out), "--task-dir", str(WORK / "tasks")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(WORK / "hf_datasets_cache"), "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(args.threads), **(extra_env or {})}
+           "OMP_NUM_THREADS": str(threads or args.threads), **(extra_env or {})}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -330,7 +337,7 @@ def report(args: argparse.Namespace, ours: dict, lm: dict | None, cmp: dict | No
              f"Model: {model_info['desc']}. Questions: demo CMMLU "
              f"({', '.join(args.subjects)}), test split, {args.shots}-shot from dev (first {args.shots}), "
              f"{n} questions{f' (first {args.max_questions} per subject)' if args.max_questions else ''}. "
-             f"CPU, float32, batch size {args.batch_size}, {args.threads} torch threads.", ""]
+             f"CPU, float32, batch size {args.batch_size}, {args.threads} torch thread(s) (OMP_NUM_THREADS) on both sides.", ""]
     if lm is None:
         lines += [f"**lm-eval did not run: {lm_error}**", ""]
     lines += ["### Accuracy (%)", "",
@@ -358,6 +365,9 @@ def report(args: argparse.Namespace, ours: dict, lm: dict | None, cmp: dict | No
               f"| cptflow (`cptflow.evaluate.run`) | first_token + option_loglik(+norm) in one call | "
               f"{ours['seconds']:.1f} | {n / ours['seconds']:.2f} | {ours['cpu_s']:.1f} | {n / ours['cpu_s']:.2f} | "
               f"{ours['process_wall_s']:.1f} |"]
+    for t, r in ours.get("other_threads", {}).items():
+        lines.append(f"| cptflow, {t} torch threads (OMP_NUM_THREADS={t}) | the same | {r['seconds']:.1f} | "
+                     f"{n / r['seconds']:.2f} | {r['cpu_s']:.1f} | {n / r['cpu_s']:.2f} | {r['process_wall_s']:.1f} |")
     if lm:
         lines.append(f"| lm-eval {lm['version']} (`simple_evaluate`, hf) | letter task + text task "
                      f"({2 * n} docs, {8 * n} loglikelihood requests) | {lm['seconds']:.1f} | "
@@ -365,14 +375,19 @@ def report(args: argparse.Namespace, ours: dict, lm: dict | None, cmp: dict | No
                      f"{lm['process_wall_s']:.1f} |")
         lines += ["", f"**Speed ratio: cptflow answers {lm['seconds'] / ours['seconds']:.1f}x as many questions per "
                   f"wall-clock second ({lm['cpu_s'] / ours['cpu_s']:.1f}x per CPU-second) as lm-eval for the same "
-                  "three scorings.** The clock covers model loading, reading questions, prompt building, scoring and "
+                  f"three scorings, both with {args.threads} torch thread(s).** The clock covers model loading, reading questions, prompt building, scoring and "
                   "metrics (not imports); 'process wall s' is the whole subprocess. Most of the gap is by design: cptflow runs the "
                   "transformer body once per sequence and applies the vocabulary projection only where a score is "
                   "needed (the last position for the letters, the option's tokens for the text), while lm-eval takes "
-                  "the full `[batch, length, vocab]` logits and a log-softmax over every position; with a 32768 "
-                  "vocabulary and hidden size 64 that projection is nearly all of the model's FLOPs. "
+                  "the full `[batch, length, vocab]` logits and a log-softmax over every position; for this model "
+                  f"the projection is {100 * model_info['head_share']:.0f}% of the weight FLOPs per token. "
                   "lm-eval reuses one forward pass for the four one-token letter continuations (same context), as "
                   "cptflow does."]
+    for t, r in ours.get("other_threads", {}).items():
+        lines += ["", f"With {t} torch threads cptflow needed {r['seconds'] / ours['seconds']:.1f}x the wall time and "
+                  f"{r['cpu_s'] / ours['cpu_s']:.1f}x the CPU time of the {args.threads}-thread run on this shared "
+                  "machine: when another job holds a core, OpenMP worker threads spin-wait at every small op of this "
+                  "tiny model. That is why the comparison uses one thread on each side."]
     if cmp:
         lp, tp = cmp.get("letter_prompts", 0), cmp.get("text_prompts", 0)
         lines += ["", "### What matched and what did not", "",
@@ -412,9 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subjects", nargs="+", default=list(SUBJECTS))
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS) on both sides")
-    p.add_argument("--max-questions", type=int, default=40,
-                   help="first N test questions per subject; 0 = all 480 (lm-eval then needs ~15 min on 2 busy cores)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (OMP_NUM_THREADS) on both sides; 1 because on shared cores 2 threads made "
+                        "cptflow's scoring up to 10x slower (spinning OpenMP threads)")
+    p.add_argument("--also-threads", type=int, nargs="*", default=[],
+                   help="extra cptflow-only runs with these thread counts (reported, not compared)")
+    p.add_argument("--max-questions", type=int, default=0,
+                   help="first N test questions per subject; 0 = all (480; lm-eval needs ~4-5 min of that)")
     p.add_argument("--lmeval-python", default=str(ROOT / "bench" / "_work" / "venv-lmeval" / "bin" / "python"))
     p.add_argument("--no-write", action="store_true", help="print the tables only, leave RESULTS.md alone")
     p.add_argument("--worker", choices=("cptflow", "lmeval"), help=argparse.SUPPRESS)
@@ -449,7 +468,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.device("meta"):
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).parameters())
-    model_info = {"desc": f"`{model.relative_to(ROOT) if model.is_relative_to(ROOT) else model}` — LlamaForCausalLM "
+    head = cfg["vocab_size"] * cfg["hidden_size"]
+    body = n_params - head * (1 if cfg.get("tie_word_embeddings") else 2)  # embedding lookups cost no FLOPs
+    model_info = {"head_share": head / (head + body), "desc": f"`{model.relative_to(ROOT) if model.is_relative_to(ROOT) else model}` — LlamaForCausalLM "
                           f"hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}, "
                           f"{n_params / 1e6:.1f} M parameters, built by `python -m cptflow.bootstrap` on the demo "
                           f"en_replay + zh_web text ({args.bootstrap_steps} steps{loss})"}
@@ -457,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ours = run_worker(sys.executable, "cptflow", args, {"PYTHONPATH": str(ROOT / "src")})
     print(f"cptflow: {ours['seconds']:.1f} s", file=sys.stderr)
+    ours["other_threads"] = {}
+    for t in args.also_threads:  # same scoring, other torch thread counts: how much contention costs
+        r = run_worker(sys.executable, "cptflow", args, {"PYTHONPATH": str(ROOT / "src")}, threads=t,
+                       out=WORK / f"threads{t}")
+        ours["other_threads"][t] = r
+        print(f"cptflow with {t} threads: {r['seconds']:.1f} s", file=sys.stderr)
     lm, cmp, lm_error = None, None, None
     if not Path(args.lmeval_python).exists():
         lm_error = f"{args.lmeval_python} not found (make the venv: see the module docstring)"
