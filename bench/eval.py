@@ -40,13 +40,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from results_md import run_info, write_section  # noqa: E402 (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "_work" / "eval"
@@ -58,50 +57,6 @@ SCORE_PAIRS = (("first_token", "letter", "acc"), ("option_loglik", "text", "acc"
                ("option_loglik_norm", "text", "acc_norm"))
 
 
-# ----------------------------------------------------------------------------- RESULTS.md section
-def machine_info() -> str:
-    """One line about the machine (results depend on it, and on the load: see run_info)."""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor() or "?")
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
-
-
-def run_info(script: str, load_start: tuple[float, ...]) -> str:
-    """When, where, with which command, and how busy the shared machine was (1-min load average)."""
-    return (f"`{shlex.join(['.venv/bin/python', f'bench/{script}', *sys.argv[1:]])}`" +
-            f", {time.strftime('%Y-%m-%d %H:%M')}. {machine_info()}; 1-min load average {load_start[0]:.1f} at start, "
-            f"{os.getloadavg()[0]:.1f} at end (other people's jobs share the cores).")
-
-
-def write_section(name: str, body: str) -> None:
-    """Replace only this script's section of RESULTS.md (others are written concurrently by other scripts).
-
-    The file is re-read immediately before writing and replaced by rename, so the window in which
-    another script's update could be lost is a few microseconds.
-    """
-    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}\n"
-    if RESULTS.exists():
-        text = RESULTS.read_text(encoding="utf-8")
-    else:
-        text = ("# cptflow benchmarks\n\nEach section below is written by the script it names "
-                "(`bench/<name>.py` writes the part between the `<!-- bench:<name>:start/end -->` markers); "
-                "edit the scripts, not this file. Benchmarks are not part of CI.\n\n"
-                f"Machine when this file was created: {machine_info()}.\n")
-    if start in text and end in text:
-        a, b = text.index(start), text.index(end) + len(end)
-        b += text[b:b + 1] == "\n"
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, RESULTS)
-
-
-# ----------------------------------------------------------------------------- setup
 def build_model(out: Path, steps: int) -> dict:
     """A tiny trained LLaMA via cptflow.bootstrap (defaults: hidden 64, 2 layers, base 32768 vocab)."""
     files = sorted(str(p) for d in ("en_replay", "zh_web") for p in (DEMO / "corpus" / d).glob("*.jsonl"))
@@ -337,7 +292,8 @@ def report(args: argparse.Namespace, ours: dict, lm: dict | None, cmp: dict | No
              f"Model: {model_info['desc']}. Questions: demo CMMLU "
              f"({', '.join(args.subjects)}), test split, {args.shots}-shot from dev (first {args.shots}), "
              f"{n} questions{f' (first {args.max_questions} per subject)' if args.max_questions else ''}. "
-             f"CPU, float32, batch size {args.batch_size}, {args.threads} torch thread(s) (OMP_NUM_THREADS) on both sides.", ""]
+             f"CPU, float32, batch size {args.batch_size}, {args.threads} torch thread(s) (OMP_NUM_THREADS) "
+             "on both sides.", ""]
     if lm is None:
         lines += [f"**lm-eval did not run: {lm_error}**", ""]
     lines += ["### Accuracy (%)", "",
@@ -375,7 +331,8 @@ def report(args: argparse.Namespace, ours: dict, lm: dict | None, cmp: dict | No
                      f"{lm['process_wall_s']:.1f} |")
         lines += ["", f"**Speed ratio: cptflow answers {lm['seconds'] / ours['seconds']:.1f}x as many questions per "
                   f"wall-clock second ({lm['cpu_s'] / ours['cpu_s']:.1f}x per CPU-second) as lm-eval for the same "
-                  f"three scorings, both with {args.threads} torch thread(s).** The clock covers model loading, reading questions, prompt building, scoring and "
+                  f"three scorings, both with {args.threads} torch thread(s).** The clock covers model loading, "
+                  "reading questions, prompt building, scoring and "
                   "metrics (not imports); 'process wall s' is the whole subprocess. Most of the gap is by design: cptflow runs the "
                   "transformer body once per sequence and applies the vocabulary projection only where a score is "
                   "needed (the last position for the letters, the option's tokens for the text), while lm-eval takes "

@@ -31,15 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from results_md import run_info, write_section  # noqa: E402 (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "_work" / "pack"
@@ -48,50 +47,6 @@ SECTION = "pack"
 DEMO = ROOT / "workflow" / "resources" / "demo"
 
 
-# ----------------------------------------------------------------------------- RESULTS.md section
-def machine_info() -> str:
-    """One line about the machine (results depend on it, and on the load: see run_info)."""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor() or "?")
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
-
-
-def run_info(script: str, load_start: tuple[float, ...]) -> str:
-    """When, where, with which command, and how busy the shared machine was (1-min load average)."""
-    return (f"`{shlex.join(['.venv/bin/python', f'bench/{script}', *sys.argv[1:]])}`" +
-            f", {time.strftime('%Y-%m-%d %H:%M')}. {machine_info()}; 1-min load average {load_start[0]:.1f} at start, "
-            f"{os.getloadavg()[0]:.1f} at end (other people's jobs share the cores).")
-
-
-def write_section(name: str, body: str) -> None:
-    """Replace only this script's section of RESULTS.md (others are written concurrently by other scripts).
-
-    The file is re-read immediately before writing and replaced by rename, so the window in which
-    another script's update could be lost is a few microseconds.
-    """
-    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}\n"
-    if RESULTS.exists():
-        text = RESULTS.read_text(encoding="utf-8")
-    else:
-        text = ("# cptflow benchmarks\n\nEach section below is written by the script it names "
-                "(`bench/<name>.py` writes the part between the `<!-- bench:<name>:start/end -->` markers); "
-                "edit the scripts, not this file. Benchmarks are not part of CI.\n\n"
-                f"Machine when this file was created: {machine_info()}.\n")
-    if start in text and end in text:
-        a, b = text.index(start), text.index(end) + len(end)
-        b += text[b:b + 1] == "\n"
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, RESULTS)
-
-
-# ----------------------------------------------------------------------------- setup (not timed)
 def build_tokenizer(out: Path, report_md: Path) -> float:
     """The demo's expanded tokenizer (vocab_size 44000 on zh_web), as the brief of this benchmark asks."""
     demo = DEMO
@@ -165,7 +120,8 @@ def worker_cptflow(args: argparse.Namespace, shards: dict[str, list[str]], out: 
         for i in range(0, len(texts), cfg.batch_docs):
             backend.encode_batch_fast(texts[i: i + cfg.batch_docs], add_special_tokens=False)
     t3 = time.perf_counter()
-    return {"seconds": seconds, "cpu_s": cpu, "raw_encoder_s": t2 - t1, "encode_s": t3 - t2, "categories": len(shards), "docs": sum(c["docs"] + c["docs_empty"] for c in cats),
+    return {"seconds": seconds, "cpu_s": cpu, "raw_encoder_s": t2 - t1, "encode_s": t3 - t2,
+            "categories": len(shards), "docs": sum(c["docs"] + c["docs_empty"] for c in cats),
             "doc_tokens": sum(c["doc_tokens"] for c in cats), "rows": counts["total"]["samples"],
             "padding_tokens": counts["total"]["padding_tokens"]}
 
@@ -236,6 +192,8 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], chars: int, vo
     tps = {k: runs[k][0]["doc_tokens"] / med[k] for k in runs}
     cpu = {k: statistics.median(r["cpu_s"] for r in v) for k, v in runs.items()}
     tpc = {k: runs[k][0]["doc_tokens"] / cpu[k] for k in runs}
+    enc_s = statistics.median(r["encode_s"] for r in runs["cptflow"])
+    raw_s = statistics.median(r["raw_encoder_s"] for r in runs["cptflow"])
     names = {"cptflow": f"`cptflow.pack.run` (num_threads={args.threads})",
              "hf": f"`datasets` map, run_clm style (num_proc={args.threads})"}
     lines = [
@@ -270,16 +228,16 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], chars: int, vo
         "Rust `encode_batch_fast` directly (no offsets, no Python `BatchEncoding`) and splices with numpy; "
         "the baseline builds Python lists per token in `group_texts` and pays process start-up and "
         "arrow round trips for each `map`.",
-        f"Inside cptflow's time: `encode_batch_fast` itself takes {statistics.median(r['encode_s'] for r in runs['cptflow']):.2f} s "
+        f"Inside cptflow's time: `encode_batch_fast` itself takes {enc_s:.2f} s "
         f"(median, re-measured in the same process after the run), and `cptflow.hf.raw_text_encoder` "
-        f"{statistics.median(r['raw_encoder_s'] for r in runs['cptflow']):.2f} s per call, which `pack.tokenize` makes once per "
+        f"{raw_s:.2f} s per call, which `pack.tokenize` makes once per "
         f"category ({runs['cptflow'][0]['categories']} here); the rest of the median wall time (tokenizer loading, "
         "reading, splicing, bucketing, writing) is "
-        f"{med['cptflow'] - statistics.median(r['encode_s'] for r in runs['cptflow']) - runs['cptflow'][0]['categories'] * statistics.median(r['raw_encoder_s'] for r in runs['cptflow']):.2f} s.",
+        f"{med['cptflow'] - enc_s - runs['cptflow'][0]['categories'] * raw_s:.2f} s.",
         f"Token counts differ by {diff:+,}: cptflow encodes a literal `<s>`/`</s>` in the text as text "
         "(`cptflow.hf.raw_text_encoder`), the plain tokenizer turns it into one special token "
         f"({special_docs} document(s) of this text contain one).", "",
-        f"### Expanded demo tokenizer (`python -m cptflow.expand_vocab`, vocab_size 44000 on zh_web"
+        "### Expanded demo tokenizer (`python -m cptflow.expand_vocab`, vocab_size 44000 on zh_web"
         + (f", built in {tok_seconds:.1f} s" if tok_seconds is not None else ", reused from bench/_work/pack/")
         + ")", "", compression_md.strip()]
     return "\n".join(lines) + "\n"
