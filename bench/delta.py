@@ -39,7 +39,6 @@ from results_md import run_info, write_section  # noqa: E402 (bench/ is on sys.p
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "_work" / "delta"
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "delta"
 DEMO_TOKENIZER = ROOT / "workflow" / "resources" / "demo" / "tokenizer"
 BASE_VOCAB = 32768  # the demo (Mistral v0.3) tokenizer's size
@@ -327,7 +326,6 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     if not args.no_write:
         write_section(SECTION, md)
-        print(f"wrote section '{SECTION}' of {RESULTS}", file=sys.stderr)
     return 0
 
 

@@ -42,7 +42,6 @@ from results_md import run_info, write_section  # noqa: E402 (bench/ is on sys.p
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "_work" / "pack"
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "pack"
 DEMO = ROOT / "workflow" / "resources" / "demo"
 
@@ -293,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     if not args.no_write:
         write_section(SECTION, md)
-        print(f"wrote section '{SECTION}' of {RESULTS}", file=sys.stderr)
     return 0
 
 

@@ -56,3 +56,4 @@ def write_section(name: str, body: str) -> None:
     tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, RESULTS)
+    print(f"wrote section '{name}' of {RESULTS}", file=sys.stderr)

@@ -86,3 +86,22 @@ def slurm_cluster():
         stop = subprocess.run([str(SLURM_CLUSTER), "stop"], capture_output=True, text=True, timeout=120)
         print(stop.stdout + stop.stderr)
         assert stop.returncode == 0, stop.stdout + stop.stderr
+
+
+def tiny_llama(*, layers: int, heads: int, kv_heads: int, max_positions: int, lm_head_scale: float):
+    """A random tiny LLaMA over the demo tokenizer's 32768 ids, seeded.
+
+    ``lm_head_scale`` enlarges the output weights so logits are far from uniform and ties between
+    candidates cannot hide scoring errors.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32768, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=max_positions, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(lm_head_scale)
+    return m

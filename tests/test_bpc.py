@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from conftest import tiny_llama
 from cptflow import bpc
 
 DEMO = Path(__file__).resolve().parents[1] / "workflow/resources/demo"
@@ -21,14 +22,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = LlamaConfig(vocab_size=32768, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    m = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        m.lm_head.weight.mul_(30)
-    return m
+    return tiny_llama(layers=1, heads=2, kv_heads=2, max_positions=256, lm_head_scale=30)
 
 
 @pytest.mark.parametrize("n,window,stride", [(2, 4, 4), (10, 4, 4), (10, 4, 1), (37, 8, 3), (37, 100, 50), (9, 8, 8)])

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from conftest import tiny_llama
 from cptflow import mc_eval
 from cptflow.benchmarks import BenchmarkSpec, Question, read_questions
 
@@ -23,14 +24,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = LlamaConfig(vocab_size=32768, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    m = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger output weights: logits far from uniform, so ties cannot hide errors
-        m.lm_head.weight.mul_(50)
-    return m
+    return tiny_llama(layers=2, heads=4, kv_heads=2, max_positions=512, lm_head_scale=50)
 
 
 def questions(name: str, layout: str, split: str, n: int) -> list[Question]:
