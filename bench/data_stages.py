@@ -12,8 +12,8 @@ What it measures, each step in a fresh single-threaded subprocess so that peak m
 is that step's own and "per core" means per CPU-second of that one process (the machine is shared,
 so CPU seconds are steadier than wall seconds; both are printed):
 
-1. ``cptflow.clean.run`` per corpus file: documents/s and MB/s (UTF-8 bytes of the input texts).
-2. ``cptflow.dedup.minhash.minhash`` alone (texts already in memory), and the whole dedup path as
+1. ``cptflow.data.clean.run`` per corpus file: documents/s and MB/s (UTF-8 bytes of the input texts).
+2. ``cptflow.data.minhash.minhash`` alone (texts already in memory), and the whole dedup path as
    the workflow runs it: ``signature.run`` per file → ``bands.run`` per band group → ``clusters.run``
    → ``apply.run`` per file, with the seconds of each stage.
 3. The same dedup input through datatrove's four MinHash steps (``MinhashDedupSignature`` →
@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -60,15 +59,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_md import run_info, write_section  # noqa: E402 (bench/ is not a package)
+
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "bench" / "_work" / "data_stages"
-RESULTS = REPO / "bench" / "RESULTS.md"
 DT_PYTHON = REPO / "bench" / "_work" / "venv-datatrove" / "bin" / "python"
 CORPORA = {"zh_modern": "zh", "zh_classical": "zh", "en_gutenberg": "en"}
-START, END = "<!-- bench:data_stages:start -->", "<!-- bench:data_stages:end -->"
-# cptflow runs: the defaults, and min_jaccard lowered by about one standard deviation of the
-# 120-permutation estimate at J = 0.7 (0.04), to show the recall/precision trade-off of verification.
-CPTFLOW_CONFIGS = {"defaults": {}, "min_jaccard=0.65": {"min_jaccard": 0.65}}
+# cptflow runs: the defaults, and min_jaccard at the near-duplicate bar itself (NEAR_J), to show the
+# recall/precision trade-off of verifying candidates by their estimated Jaccard.
+CPTFLOW_CONFIGS = {"defaults": {}, "min_jaccard=0.70": {"min_jaccard": 0.70}}
 NEAR_J = 0.7  # the near-duplicate bar both tools are configured for (cptflow min_jaccard; LSH S-curves)
 J_BINS = ((0.5, 0.6), (0.6, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 1.01))
 MAX_EDIT_RATE = 0.07  # edits per unit: at 7 % of characters, 5-char shingle Jaccard falls to ~0.5
@@ -113,7 +113,7 @@ def measured(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
 # --- workers ------------------------------------------------------------------------------------
 
 def worker_clean(job: dict) -> dict:
-    from cptflow.clean import CleanConfig, run
+    from cptflow.data.clean import CleanConfig, run
 
     cfg = CleanConfig()
     out = Path(job["out"])
@@ -122,7 +122,7 @@ def worker_clean(job: dict) -> dict:
 
 
 def worker_minhash(job: dict) -> dict:
-    from cptflow.dedup.minhash import DedupConfig, minhash
+    from cptflow.data.minhash import DedupConfig, minhash
 
     texts, langs = [], []
     for path in job["inputs"]:
@@ -135,8 +135,9 @@ def worker_minhash(job: dict) -> dict:
 
 
 def worker_dedup(job: dict) -> dict:
-    from cptflow.dedup import apply, bands, clusters, signature
-    from cptflow.dedup.minhash import DedupConfig
+    from cptflow.data import bands, clusters, signature
+    from cptflow.data import dedup as apply
+    from cptflow.data.minhash import DedupConfig
 
     cfg = DedupConfig(**job["params"])
     out = Path(job["out"])
@@ -222,7 +223,18 @@ def worker_datatrove(job: dict) -> dict:
                              JsonlWriter(str(out / "kept"), compression=None)], 1, out / "logs4")
 
     _, m = measured(chain)
-    return m | {"stage_cpu_s": dict(seconds), "stage_wall_s": dict(wall),
+    from datatrove.utils.word_tokenizers import load_word_tokenizer
+
+    # Which word tokenizer datatrove picks for each way of naming Chinese (reported: "zh" and "zho" do
+    # not reach jieba in 0.10.1).
+    tokenizers = {}
+    for code in ("zh", "zho", "cmn", "cmn_Hani", "zh_Hani"):
+        try:
+            t = load_word_tokenizer(code)
+            tokenizers[code] = type(t).__name__ + (f"({t.language})" if hasattr(t, "language") else "")
+        except Exception as e:  # noqa: BLE001 (report whatever it raises)
+            tokenizers[code] = f"error: {type(e).__name__}"
+    return m | {"stage_cpu_s": dict(seconds), "stage_wall_s": dict(wall), "zh_tokenizers": tokenizers,
                 "version": importlib.metadata.version("datatrove"), "minhash_config": str(cfg)}
 
 
@@ -347,11 +359,14 @@ def score(removed: set[str], cluster_of: dict[str, str], pairs: list[tuple[str, 
     members: dict[str, list[str]] = defaultdict(list)
     for d, c in cluster_of.items():
         members[c].append(d)
-    best = []
+    best, best_mate = [], []
     removed = sorted(removed)
     for d in removed:
         mates = sorted(m for m in members[cluster_of[d]] if m != d)[:25]
-        best.append(max((jaccard(shingles(d), shingles(m)) for m in mates), default=0.0))
+        js = [(jaccard(shingles(d), shingles(m)), m) for m in mates]
+        j, m = max(js, default=(0.0, None))
+        best.append(j)
+        best_mate.append(m)
     planted_ids = {x for p in pairs for x in p}
     return {
         "recall": sum(near) / len(near) if near else float("nan"), "near_pairs": len(near),
@@ -360,6 +375,10 @@ def score(removed: set[str], cluster_of: dict[str, str], pairs: list[tuple[str, 
         "precision": sum(b >= NEAR_J for b in best) / len(best) if best else float("nan"),
         "low_j": sum(b < 0.5 for b in best),
         "low_j_by_source": dict(sorted(Counter(d.split("/")[0] for d, b in zip(removed, best) if b < 0.5).items())),
+        # a few removed documents whose closest cluster mate is below J 0.5, shown in the report
+        "low_j_examples": [{"removed": d, "mate": m, "j": round(b, 3), "removed_text": docs[d]["text"][:60],
+                            "mate_text": docs[m]["text"][:60] if m else ""}
+                           for d, m, b in zip(removed, best_mate, best) if b < 0.5][:4],
     }
 
 
@@ -394,15 +413,13 @@ def datatrove_clusters(out: Path) -> tuple[set[str], dict[str, str], int]:
 def machine_info() -> dict[str, str]:
     import importlib.metadata as md
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     vers = {}
     for pkg in ("torch", "numpy", "xxhash"):
         try:
             vers[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             vers[pkg] = "absent"
-    return {"cpu": cpu, "cores": str(len(os.sched_getaffinity(0))), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "python": platform.python_version(), **vers}
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **vers}
 
 
 def rate(n: float, s: float) -> str:
@@ -411,26 +428,6 @@ def rate(n: float, s: float) -> str:
 
 def mbps(b: float, s: float) -> str:
     return f"{b / 1e6 / s:.2f}" if s > 0 else "-"
-
-
-def write_section(body: str, info: dict[str, str]) -> None:
-    """Replace this script's section of bench/RESULTS.md (re-read just before writing; atomic rename)."""
-    from cptflow.io import atomic_path
-
-    block = f"{START}\n{body.rstrip()}\n{END}\n"
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else (
-        "# cptflow benchmarks\n\nEach section below is written by the script named in its heading, between its "
-        "`<!-- bench:NAME:start -->` / `<!-- bench:NAME:end -->` markers; rerun that script to refresh it "
-        "rather than editing by hand.\n\n"
-        f"Machine when this file was created: {info['cpu']}, {info['cores']} cores, {info['date']}, "
-        f"Python {info['python']}, torch {info['torch']}.\n")
-    if START in text and END in text:
-        a, b = text.index(START), text.index(END) + len(END)
-        text = text[:a] + block.rstrip("\n") + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    with atomic_path(RESULTS) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -541,21 +538,22 @@ def main(argv: list[str] | None = None) -> int:
                   mh, cp_results, dt_results, dt_skip, time.perf_counter() - t_start)
     print(body)
     if not args.no_write:
-        write_section(body, info)
-        print(f"\nwrote the data_stages section of {RESULTS}", file=sys.stderr)
+        write_section("data_stages", body)
     return 0
 
 
 def report(args, info, load0, load1, corpora, copies, pairs, pair_j, n_docs, n_bytes, clean_rows, mh, cp_results,
            dt_results, dt_skip, total_s) -> str:
+    from cptflow.data.minhash import DedupConfig
+
+    cfg = DedupConfig()
     dd, cp_score = cp_results["defaults"]
     sample = "all documents" if args.max_docs is None else f"a seeded sample of at most {args.max_docs} documents per file"
-    L = [f"## Data stages: clean and dedup (`bench/data_stages.py`)", ""]
-    L += [f"Run {info['date']} on {info['cpu']}, {info['cores']} cores shared with other work (load average "
-          f"{load0[0]:.1f} at start, {load1[0]:.1f} at end); Python {info['python']}, numpy {info['numpy']}, "
-          f"xxhash {info['xxhash']}. Input: {sample} of the shared corpora "
+    L = ["## Data stages: clean and dedup (`bench/data_stages.py`)", ""]
+    L += [run_info("data_stages.py", load0), "",
+          f"numpy {info['numpy']}, xxhash {info['xxhash']}. Input: {sample} of the shared corpora "
           f"({', '.join(f'{n} {len(r)}' for n, r in corpora.items())}). Each step ran in its own single-threaded "
-          f"process; \"per core\" = per CPU-second of that process (user + system), which the shared machine "
+          f"process; \"per core\" = per CPU-second of that process (user + system), which a shared machine "
           f"disturbs less than wall time; peak RSS is that process's VmHWM (Python + imports included). "
           f"Whole run {total_s / 60:.1f} min.", ""]
     L += ["| step | docs | MB | CPU s | wall s | docs/s per core | MB/s per core | peak RSS MB |",
@@ -566,7 +564,7 @@ def report(args, info, load0, load1, corpora, copies, pairs, pair_j, n_docs, n_b
         L.append(f"| clean `{name}`{kept} | {res['docs_in']:,} | {b / 1e6:.1f} | {res['cpu_s']:.2f} | {res['wall_s']:.2f} | "
                  f"{rate(res['docs_in'], res['cpu_s'])} | {mbps(b, res['cpu_s'])} | {res['peak_rss_mb']:.0f} |")
         tot = [tot[0] + res["docs_in"], tot[1] + b, tot[2] + res["cpu_s"], tot[3] + res["wall_s"]]
-    L.append(f"| clean, all three files | {tot[0]:,} | {tot[1] / 1e6:.1f} | {tot[2]:.2f} | {tot[3]:.2f} | "
+    L.append(f"| clean, all {len(clean_rows)} files | {tot[0]:,} | {tot[1] / 1e6:.1f} | {tot[2]:.2f} | {tot[3]:.2f} | "
              f"{rate(tot[0], tot[2])} | {mbps(tot[1], tot[2])} | - |")
     dedup_label = f"{n_docs:,} | {n_bytes / 1e6:.1f}"
     L.append(f"| dedup: `minhash()` signatures only (texts in memory) | {dedup_label} | {mh['cpu_s']:.2f} | "
@@ -578,7 +576,8 @@ def report(args, info, load0, load1, corpora, copies, pairs, pair_j, n_docs, n_b
         L.append(f"| datatrove {res['version']} MinHash, `{name}` config² | {dedup_label} | {res['cpu_s']:.2f} | "
                  f"{res['wall_s']:.2f} | {rate(n_docs, res['cpu_s'])} | {mbps(n_bytes, res['cpu_s'])} | "
                  f"{res['peak_rss_mb']:.0f} |")
-    L += ["", f"¹ CPU seconds by stage: signature {st['signature']:.2f} (5 files), bands {st['bands']:.2f} "
+    n_files = len(dd["drop_lists"])
+    L += ["", f"¹ CPU seconds by stage: signature {st['signature']:.2f} ({n_files} files), bands {st['bands']:.2f} "
           f"({dd['band_groups']} band groups, each reads all signatures), clusters {st['clusters']:.2f}, "
           f"apply {st['apply']:.2f}."]
     if dt_results:
@@ -595,8 +594,8 @@ def report(args, info, load0, load1, corpora, copies, pairs, pair_j, n_docs, n_b
           f"reference Jaccard >= {NEAR_J}; \"J<0.5\" = removed documents whose closest cluster mate is below 0.5 "
           f"(by source). The reference is exact Jaccard on 5-character (zh) / 5-word (en) shingles after NFKC, "
           f"lower-casing and punctuation removal, i.e. the near-duplicate definition cptflow and datatrove "
-          f"`matched` are configured for. Speed ratio = cptflow defaults docs per CPU-second ÷ the row's, whole "
-          f"dedup path, same input (wall-time ratio in brackets).", ""]
+          f"`matched` are configured for. Speed ratio = the row's CPU seconds ÷ cptflow defaults', whole dedup "
+          f"path, same input (above 1: cptflow is faster; wall-time ratio in brackets).", ""]
     bins = [f"{k} (n={v[1]})" for k, v in cp_score["by_bin"].items()]
     L += ["| tool, config | recall J>=0.7 (n=%d) | " % cp_score["near_pairs"] + " | ".join(f"recall J {b}" for b in bins)
           + " | precision | J<0.5 | removed (of them planted) | docs/s per core | speed ratio |",
@@ -610,41 +609,52 @@ def report(args, info, load0, load1, corpora, copies, pairs, pair_j, n_docs, n_b
                 f"{rate(n_docs, res['cpu_s'])} | {res['cpu_s'] / dd['cpu_s']:.2f} ({res['wall_s'] / dd['wall_s']:.2f}) |")
 
     for name, (res, s) in cp_results.items():
-        L.append(row(f"cptflow `{name}`" + (" (not the default)" if name != "defaults" else ""), s, res))
+        label = f"defaults (min_jaccard={cfg.min_jaccard})" if name == "defaults" else name
+        L.append(row(f"cptflow `{label}`", s, res))
     for name, (res, s) in dt_results.items():
         L.append(row(f"datatrove `{name}`", s, res))
+    std = (NEAR_J * (1 - NEAR_J) / cfg.num_perm) ** 0.5
+    L += ["", f"cptflow verifies every LSH candidate by its estimated Jaccard (standard deviation "
+          f"sqrt(J(1-J)/{cfg.num_perm}) = {std:.3f} at J = {NEAR_J}) and keeps pairs at >= min_jaccard "
+          f"({cfg.min_jaccard} by default); datatrove has no verification step, so every LSH bucket collision "
+          "counts as a duplicate."]
+    for name, (res, s) in list(cp_results.items())[1:]:
+        L.append(f"With `{name}` instead of the default {cfg.min_jaccard}: recall {cp_score['recall']:.3f} -> "
+                 f"{s['recall']:.3f}, precision {cp_score['precision']:.3f} -> {s['precision']:.3f}, removals below "
+                 f"J 0.5 {cp_score['low_j']} -> {s['low_j']}.")
     if dt_skip:
         L += ["", f"Datatrove comparison skipped: {dt_skip}."]
-    elif "matched" in dt_results:
-        L += ["", "Reading the numbers: cptflow verifies every LSH candidate by its estimated Jaccard (120 "
-              "permutations: standard deviation about 0.04 at J = 0.7), so pairs just above 0.7 are missed when "
-              "the estimate falls below the bar; datatrove keeps every bucket collision, which finds those pairs "
-              "and also removes documents well below 0.7 (its lower precision). Lowering cptflow's `min_jaccard` "
-              "by one standard deviation (second row) trades the same way. The J<0.5 removals were read by eye in "
-              "the 2026-11-25 full run: in zh_classical they are mostly the same Tang poem in two collections with "
-              "variant characters or another title (short texts, where one variant character breaks five "
-              "shingles: duplicates to a reader, not by the 5-character bar); in zh_modern they are template "
-              "articles on different fish species (real false positives)."]
+    examples = [(f"cptflow `{n}`", s) for n, (_, s) in cp_results.items()] + \
+        [(f"datatrove `{n}`", s) for n, (_, s) in dt_results.items()]
+    if any(s["low_j_examples"] for _, s in examples):
+        L += ["", "Removed documents whose closest cluster mate is below J 0.5 (up to 4 per tool; the first 60 "
+              "characters of each side):", ""]
+        for label, s in examples:
+            for e in s["low_j_examples"]:
+                clip = lambda t: t.replace("\n", " ").replace("|", "/")  # noqa: E731
+                L.append(f"- {label}, J {e['j']}: `{e['removed']}` «{clip(e['removed_text'])}» ~ `{e['mate']}` "
+                         f"«{clip(e['mate_text'])}»")
     L += ["", "Configurations (both tools: seed 1; each removes all but one document per cluster):", "",
-          "- cptflow `DedupConfig()` defaults (`cptflow.dedup`, run through the `run()` of its four stage modules): exact hash on; 5-character shingles for zh, 5-word for en after NFKC, "
-          "lower case, punctuation removed; 120 permutations (a*x+b) mod 2^31-1, LSH 20 bands x 6 rows; candidate "
-          "pairs verified by estimated Jaccard >= 0.7; 4 band groups; buckets above 50 members star+chain."]
+          f"- cptflow `DedupConfig()` defaults (the four stage modules cptflow.data.signature / bands / clusters / "
+          f"dedup, through their `run()`): exact hash {'on' if cfg.exact else 'off'}; {cfg.shingle_chars}-character "
+          f"shingles for zh, {cfg.shingle_words}-word for en after NFKC, lower case, punctuation removed; "
+          f"{cfg.num_perm} permutations (a*x+b) mod 2^31-1, LSH {cfg.bands} bands x {cfg.rows} rows; candidate pairs "
+          f"verified by estimated Jaccard >= {cfg.min_jaccard}; {cfg.band_groups} band groups; buckets above "
+          f"{cfg.max_bucket_all_pairs} members compared star+chain."]
     if dt_results:
         v = next(iter(dt_results.values()))[0]["version"]
         L += [f"- datatrove {v}, xxhash 64-bit shingle hashes, (a*x+b) mod 2^61-1, `simplify_text` defaults (lower "
-              "case, punctuation removed, digits -> 0, diacritics folded); no verification step (every LSH bucket "
-              "collision is a duplicate); Chinese and English run as two pipelines (the word tokenizer is fixed per "
-              "signature step).",
+              "case, punctuation removed, digits -> 0, diacritics folded); Chinese and English run as two pipelines "
+              "(the word tokenizer is fixed per signature step).",
               "  - `matched`: `MinhashConfig(n_grams=5, num_buckets=20, hashes_per_bucket=6)`; zh: a one-token-per-"
               "character `WordTokenizer` (so 5-character shingles, as cptflow), en: `language=\"eng\"` (spaCy "
               "English, 5-word shingles).",
               "  - `default`: `MinhashConfig()` = 5-grams, 14 buckets x 8 hashes; zh: `language=\"cmn_Hani\"` "
               "(spaCy + jieba words, so 5-word shingles), en: `\"eng\"`.",
-              "  - `lang=zh`: as `default` but zh with `language=\"zh\"`. In datatrove 0.10.1 `load_word_tokenizer"
-              "(\"zh\")` returns `SpaCyTokenizer(\"xx\")` (whitespace tokens; after punctuation removal a 'word' is a "
-              "whole clause), and `\"zho\"` returns `WhitespaceTokenizer`: `load_tokenizer_assignments` tests the CSV "
-              "strings \"FALSE\" as booleans, so later rows (`hak,zh,Latn`, `zho,zh,Latn`) overwrite the Chinese "
-              "entries. Only `cmn`, `cmn_Hani`, `zh_Hani`, `zho_Hani` reach jieba."]
+              "  - `lang=zh`: as `default` but zh with `language=\"zh\"`.",
+              f"- The word tokenizer datatrove {v} returns for each code of Chinese (`load_word_tokenizer`): "
+              + ", ".join(f"`{k}` → {t}" for k, t in next(iter(dt_results.values()))[0]["zh_tokenizers"].items())
+              + "."]
     return "\n".join(L) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""Benchmark: peak memory and time of ``cptflow.delta make/apply`` against loading both models whole.
+"""Benchmark: peak memory and time of ``cptflow.release.delta make/apply`` against loading both models whole.
 
 Usage::
 
@@ -12,7 +12,7 @@ made from it the way continual pre-training changes a model: every base weight m
 tokenizer's size) with the new rows fresh. Each measurement runs in a fresh subprocess; peak memory
 is that process's ``ru_maxrss`` (from ``os.wait4``), time is its wall time including Python start.
 
-* ``cptflow.delta make`` / ``apply`` (the CLI, as the workflow calls it); apply checks the sha256
+* ``cptflow.release.delta make`` / ``apply`` (the CLI, as the workflow calls it); apply checks the sha256
   of every output file itself, and the benchmark checks again that the rebuilt directory's weight
   files equal the adapted ones byte for byte.
 * The whole-model baseline does the same job the obvious way: ``from_pretrained`` both models
@@ -106,10 +106,9 @@ def worker_naive_make(args: argparse.Namespace) -> dict:
 
 def worker_float_check(args: argparse.Namespace) -> dict:
     """How many bf16 elements a plain float delta gets wrong: ``base + (adapted - base) != adapted``."""
-    import torch
     from safetensors import safe_open
 
-    from cptflow.delta import tensor_index
+    from cptflow.model.safetensors_io import tensor_index
 
     base_idx, adapted_idx = tensor_index(WORK / "base"), tensor_index(WORK / "adapted")
     wrong = total = 0
@@ -226,11 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         built = measured(me + ["--worker", "build"])
         spec.write_text(json.dumps({"spec": want, **built}))
     info = json.loads(spec.read_text())
-    cli = [sys.executable, "-m", "cptflow.delta"]
     steps = {
-        "cptflow make": cli + ["make", "--base", str(WORK / "base"), "--adapted", str(WORK / "adapted"),
+        "cptflow make": [sys.executable, "-m", "cptflow.release.delta_make", "--base", str(WORK / "base"), "--adapted", str(WORK / "adapted"),
                                "--output-dir", str(WORK / "delta")],
-        "cptflow apply": cli + ["apply", "--base", str(WORK / "base"), "--delta", str(WORK / "delta"),
+        "cptflow apply": [sys.executable, "-m", "cptflow.release.delta_apply", "--base", str(WORK / "base"), "--delta", str(WORK / "delta"),
                                 "--output-dir", str(WORK / "rebuilt")],
         "whole-model make": me + ["--worker", "naive_make"],
         "whole-model apply": me + ["--worker", "naive_apply"],
@@ -266,18 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from cptflow import delta as cdelta
+    from cptflow.model import safetensors_io
+    from cptflow.release import delta_make
 
     largest = 0
     for f in (WORK / "adapted").glob("*.safetensors"):
-        hdr = cdelta.read_header(f)
+        hdr = safetensors_io.read_header(f)
         largest = max(largest, *(t.end - t.begin for t in hdr.tensors))
     base_mb, adapted_mb = dir_mb(WORK / "base"), dir_mb(WORK / "adapted")
     lines = [
-        "## delta: `cptflow.delta` make/apply vs loading both models whole", "",
+        "## delta: `cptflow.release.delta` make/apply vs loading both models whole", "",
         run_info("delta.py", args.load_start),
         f"Versions: torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"safetensors {safetensors.__version__}, cptflow.delta VERSION {cdelta.VERSION}.", "",
+        f"safetensors {safetensors.__version__}, cptflow.release.delta_make VERSION {delta_make.VERSION}.", "",
         f"Models: random-init LLaMA, hidden {args.hidden}, {args.layers} layers, untied embeddings, bf16, "
         f"`save_pretrained(max_shard_size=\"{args.shard_size}\")`. Base: vocab {BASE_VOCAB}, "
         f"{info['base_params'] / 1e6:.0f} M parameters, {base_mb:.0f} MB in "
@@ -291,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         *(f"| {label} | {runs[k]['seconds']:.1f} | {runs[k]['seconds_range'][0]:.1f}–{runs[k]['seconds_range'][1]:.1f} "
           f"| {runs[k]['cpu_s']:.1f} "
           f"| {runs[k]['peak_rss_mb']:.0f} | {f'{dir_mb(WORK / outputs[k]):.0f}' if k in outputs else '—'} |"
-          for k, label in (("cptflow make", "`python -m cptflow.delta make`"),
-                           ("cptflow apply", "`python -m cptflow.delta apply` (verifies sha256)"),
+          for k, label in (("cptflow make", "`python -m cptflow.release.delta_make`"),
+                           ("cptflow apply", "`python -m cptflow.release.delta_apply` (verifies sha256)"),
                            ("whole-model make", "whole models: `from_pretrained` both, XOR, `save_file`"),
                            ("whole-model apply", "whole models: `from_pretrained` base + `load_file` delta, XOR, "
                                                  "`save_pretrained`"),
@@ -300,12 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"**Peak memory: make {runs['whole-model make']['peak_rss_mb'] / runs['cptflow make']['peak_rss_mb']:.1f}x and "
         f"apply {runs['whole-model apply']['peak_rss_mb'] / runs['cptflow apply']['peak_rss_mb']:.1f}x lower with "
-        f"cptflow.delta; wall time: make {runs['whole-model make']['seconds'] / runs['cptflow make']['seconds']:.2f}x, "
+        f"cptflow.release.delta; wall time: make {runs['whole-model make']['seconds'] / runs['cptflow make']['seconds']:.2f}x, "
         f"apply {runs['whole-model apply']['seconds'] / runs['cptflow apply']['seconds']:.2f}x; CPU time: make "
         f"{runs['whole-model make']['cpu_s'] / runs['cptflow make']['cpu_s']:.2f}x, apply "
         f"{runs['whole-model apply']['cpu_s'] / runs['cptflow apply']['cpu_s']:.2f}x "
         "(whole-model / cptflow: above 1 means cptflow is faster).**", "",
-        f"- Bit exactness: `cptflow.delta apply` rebuilt {len(same)}/{len(adapted_files)} files of the adapted "
+        f"- Bit exactness: `cptflow.release.delta apply` rebuilt {len(same)}/{len(adapted_files)} files of the adapted "
         f"directory with identical sha256 (checked by apply itself and again here). The whole-model apply's "
         f"`save_pretrained` output matches {len(naive_same)}/{len(naive_weights)} weight files byte for byte "
         "(same transformers version and shard size as the adapted model was saved with; nothing guarantees that "

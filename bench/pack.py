@@ -1,4 +1,4 @@
-"""Benchmark: tokenize + pack throughput of ``cptflow.pack`` against a plain ``datasets.map`` pipeline.
+"""Benchmark: tokenize + pack throughput of ``cptflow.pack.pack`` against a plain ``datasets.map`` pipeline.
 
 Usage::
 
@@ -7,12 +7,14 @@ Usage::
 
 Both sides get the same text (the real Chinese + English JSONL of ``--corpus``, converted once to one
 parquet shard per file, outside the timing), the same fast tokenizer (the demo tokenizer expanded
-with ``python -m cptflow.expand_vocab`` to ~72k pieces, built into bench/_work/pack/ on first run) and
+with ``python -m cptflow.tokenizer.vocab`` to ~72k pieces, built into bench/_work/pack/ on first run) and
 the same 2 cores:
 
-* ``cptflow.pack.run``: reads the shards, tokenizes with ``encode_batch_fast`` (``num_threads`` Rust
-  threads), splices documents into ``max_length`` rows with BOS/EOS and position ids, buckets and
-  shuffles, writes the arrow dataset;
+* cptflow: ``cptflow.pack.pack_shard.run`` on every shard in turn (as the workflow's per-file jobs do, one
+  after the other here), each reading its shard in batches, tokenizing with ``encode_batch_fast``
+  (``num_threads`` Rust threads) and streaming BOS + ids + EOS into ``max_length`` rows on disk (2- or
+  4-byte ids, document starts); then ``cptflow.pack.pack.run``, the layout step that buckets and
+  shuffles the rows into an index without copying them;
 * the baseline is what Hugging Face's ``run_clm.py`` example does: ``load_dataset("parquet")``,
   ``map(tokenize, batched=True, num_proc=2)`` with ``tokenizer(examples["text"])``, then
   ``map(group_texts, batched=True, num_proc=2)`` (concatenate each batch of 1000 documents, cut into
@@ -49,7 +51,7 @@ DEMO = ROOT / "workflow" / "resources" / "demo"
 def build_tokenizer(out: Path, report_md: Path) -> float:
     """The demo's expanded tokenizer (vocab_size 44000 on zh_web), as the brief of this benchmark asks."""
     demo = DEMO
-    cmd = [sys.executable, "-m", "cptflow.expand_vocab", "--base-tokenizer", str(demo / "tokenizer"),
+    cmd = [sys.executable, "-m", "cptflow.tokenizer.vocab", "--base-tokenizer", str(demo / "tokenizer"),
            "--train-text", *sorted(str(p) for p in (demo / "corpus" / "zh_web").glob("*.jsonl")),
            "--heldout-zh", str(demo / "heldout" / "zh_modern.jsonl"),
            "--heldout-en", str(demo / "heldout" / "en.jsonl"),
@@ -98,31 +100,39 @@ def worker_cptflow(args: argparse.Namespace, shards: dict[str, list[str]], out: 
     import datasets  # noqa: F401  (imports are not timed on either side)
     import transformers  # noqa: F401
 
-    from cptflow.pack import PackConfig, run
+    from cptflow.pack import pack, pack_shard
+    from cptflow.pack.pack import PackConfig
 
     cfg = PackConfig(max_length=args.max_length, num_threads=args.threads)
     t0, c0 = time.perf_counter(), cpu_seconds()
-    run(cfg, args.tokenizer, shards, out / "data", out / "counts.json")
+    dirs, docs = [], 0
+    for cat in sorted(shards):
+        for i, f in enumerate(shards[cat]):
+            dirs.append(out / "shards" / f"{cat}-{i}")
+            docs += int(pack_shard.run(cfg, args.tokenizer, f, cat, dirs[-1])["docs_in"])
+    t_shards = time.perf_counter() - t0
+    pack.run(cfg, dirs, out / "data", out / "counts.json")
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     counts = json.loads((out / "counts.json").read_text())
     cats = counts["categories"].values()
+    disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     # Where the time went, measured after the clock stopped on the same (now warm) process.
-    from cptflow.hf import load_tokenizer, raw_text_encoder
-    from cptflow.pack import read_texts
+    from cptflow.model.hf import load_tokenizer, raw_text_encoder
+    from cptflow.pack.splice import read_batches
 
     tok = load_tokenizer(args.tokenizer)
     t1 = time.perf_counter()
     backend = raw_text_encoder(tok)
     t2 = time.perf_counter()
     for c in sorted(shards):
-        texts = [t for f in shards[c] for t in read_texts(f)]
-        for i in range(0, len(texts), cfg.batch_docs):
-            backend.encode_batch_fast(texts[i: i + cfg.batch_docs], add_special_tokens=False)
+        for f in shards[c]:
+            for texts in read_batches(f, cfg.batch_docs):
+                backend.encode_batch_fast(texts, add_special_tokens=False)
     t3 = time.perf_counter()
     return {"seconds": seconds, "cpu_s": cpu, "raw_encoder_s": t2 - t1, "encode_s": t3 - t2,
-            "categories": len(shards), "docs": sum(c["docs"] + c["docs_empty"] for c in cats),
+            "shards": len(dirs), "docs": docs, "layout_s": seconds - t_shards,
             "doc_tokens": sum(c["doc_tokens"] for c in cats), "rows": counts["total"]["samples"],
-            "padding_tokens": counts["total"]["padding_tokens"]}
+            "padding_tokens": counts["total"]["padding_tokens"], "disk_bytes": disk}
 
 
 def worker_hf(args: argparse.Namespace, shards: dict[str, list[str]], out: Path) -> dict:
@@ -155,11 +165,12 @@ def worker_hf(args: argparse.Namespace, shards: dict[str, list[str]], out: Path)
     grouped = tokenized.map(group_texts, batched=True, num_proc=args.threads, load_from_cache_file=False)
     grouped.save_to_disk(str(out / "data"))
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    disk = sum(p.stat().st_size for p in (out / "data").rglob("*") if p.is_file())
     # Counted after the clock stops: tokens per document minus the BOS the tokenizer added.
     n_special = len(tok("x")["input_ids"]) - len(tok("x", add_special_tokens=False)["input_ids"])
     lens = [len(x) for x in tokenized["input_ids"]]
     return {"seconds": seconds, "cpu_s": cpu, "docs": len(raw), "doc_tokens": sum(lens) - n_special * len(lens),
-            "rows": len(grouped), "dropped_tokens": sum(lens) - len(grouped) * block}
+            "rows": len(grouped), "dropped_tokens": sum(lens) - len(grouped) * block, "disk_bytes": disk}
 
 
 def run_worker(args: argparse.Namespace, kind: str, shards: dict[str, list[str]], out: Path) -> dict:
@@ -185,7 +196,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], chars: int, vo
     import tokenizers
     import transformers
 
-    from cptflow import pack
+    from cptflow.pack import pack, pack_shard
 
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
     tps = {k: runs[k][0]["doc_tokens"] / med[k] for k in runs}
@@ -193,13 +204,14 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], chars: int, vo
     tpc = {k: runs[k][0]["doc_tokens"] / cpu[k] for k in runs}
     enc_s = statistics.median(r["encode_s"] for r in runs["cptflow"])
     raw_s = statistics.median(r["raw_encoder_s"] for r in runs["cptflow"])
-    names = {"cptflow": f"`cptflow.pack.run` (num_threads={args.threads})",
+    names = {"cptflow": f"cptflow `pack_shard` per shard + `pack` layout (num_threads={args.threads})",
              "hf": f"`datasets` map, run_clm style (num_proc={args.threads})"}
     lines = [
         "## pack: tokenize + pack throughput", "",
         run_info("pack.py", args.load_start),
         f"Versions: datasets {datasets.__version__}, transformers {transformers.__version__}, "
-        f"tokenizers {tokenizers.__version__}, cptflow.pack VERSION {pack.VERSION}.", "",
+        f"tokenizers {tokenizers.__version__}, cptflow.pack.pack_shard VERSION {pack_shard.VERSION}, "
+        f"cptflow.pack.pack VERSION {pack.VERSION}.", "",
         f"Text: `{args.corpus}` ({', '.join(sorted(p.stem for p in Path(args.corpus).glob('*.jsonl')))}; "
         f"{runs['cptflow'][0]['docs']} documents, {chars / 1e6:.2f} M characters), converted to parquet, each file "
         f"given {args.copies} time(s) as separate shards (`--copies`) so the work outweighs fixed start-up costs. "
@@ -207,36 +219,40 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], chars: int, vo
         f"Median of {args.repeats} runs each, alternating, each in a fresh process; clock from tokenizer load "
         "to dataset on disk.", "",
         "| pipeline | doc tokens | output rows | wall s (median) | wall s (min–max) | doc tokens/s (wall) "
-        "| CPU s (median) | doc tokens per CPU-s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        "| CPU s (median) | doc tokens per CPU-s | output bytes per doc token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k in ("cptflow", "hf"):
         s = [r["seconds"] for r in runs[k]]
         lines.append(f"| {names[k]} | {runs[k][0]['doc_tokens']:,} | {runs[k][0]['rows']:,} | {med[k]:.2f} | "
-                     f"{min(s):.2f}–{max(s):.2f} | {tps[k]:,.0f} | {cpu[k]:.2f} | {tpc[k]:,.0f} |")
+                     f"{min(s):.2f}–{max(s):.2f} | {tps[k]:,.0f} | {cpu[k]:.2f} | {tpc[k]:,.0f} | "
+                     f"{runs[k][0]['disk_bytes'] / runs[k][0]['doc_tokens']:.2f} |")
     diff = runs["hf"][0]["doc_tokens"] - runs["cptflow"][0]["doc_tokens"]
     lines += [
-        "", f"**Ratio: cptflow.pack is {tps['cptflow'] / tps['hf']:.2f}x the wall-clock tokens/s and "
+        "", f"**Ratio: cptflow's pack is {tps['cptflow'] / tps['hf']:.2f}x the wall-clock tokens/s and "
         f"{tpc['cptflow'] / tpc['hf']:.2f}x the tokens per CPU-second of the datasets.map baseline.** "
         "CPU seconds (user + system, all threads and worker processes) vary less than wall time when other "
         "jobs share the two cores; wall time is what a user waits on an idle machine.", "",
-        "What each side does beyond the common work: cptflow adds BOS+EOS per document, position ids that "
-        "restart per document, a `labels` column with -100 on padding, pads each category's last row, "
-        "shuffles rows into 10 mixed buckets and writes int32 columns; the baseline adds BOS only (the "
+        "What each side does beyond the common work: cptflow adds BOS+EOS per document, records document "
+        "starts and row lengths (training derives position ids and labels from them), pads each shard's "
+        "last row, shuffles rows into 10 mixed buckets (an index, no copy) and writes "
+        f"{runs['cptflow'][0]['shards']} shards of token ids (4 bytes here: the vocabulary passes 65,536 ids; 2 "
+        "below); the baseline adds BOS only (the "
         "tokenizer's default), `attention_mask` and `labels`, and drops each 1000-document batch's "
         f"remainder ({runs['hf'][0]['dropped_tokens']:,} tokens here). Where the time goes: cptflow calls the "
         "Rust `encode_batch_fast` directly (no offsets, no Python `BatchEncoding`) and splices with numpy; "
         "the baseline builds Python lists per token in `group_texts` and pays process start-up and "
         "arrow round trips for each `map`.",
         f"Inside cptflow's time: `encode_batch_fast` itself takes {enc_s:.2f} s "
-        f"(median, re-measured in the same process after the run), and `cptflow.hf.raw_text_encoder` "
-        f"{raw_s:.2f} s per call, which `pack.tokenize` makes once per "
-        f"category ({runs['cptflow'][0]['categories']} here); the rest of the median wall time (tokenizer loading, "
-        "reading, splicing, bucketing, writing) is "
-        f"{med['cptflow'] - enc_s - runs['cptflow'][0]['categories'] * raw_s:.2f} s.",
+        f"(median, re-measured in the same process after the run), and `cptflow.model.hf.raw_text_encoder` "
+        f"{raw_s:.2f} s per call, which `pack_shard` makes once per "
+        f"shard ({runs['cptflow'][0]['shards']} here, as one job each would); the layout step "
+        f"{statistics.median(r['layout_s'] for r in runs['cptflow']):.2f} s; the rest of the median wall time "
+        "(tokenizer loading per shard, reading, splicing, writing) is "
+        f"{med['cptflow'] - enc_s - runs['cptflow'][0]['shards'] * raw_s:.2f} s.",
         f"Token counts differ by {diff:+,}: cptflow encodes a literal `<s>`/`</s>` in the text as text "
-        "(`cptflow.hf.raw_text_encoder`), the plain tokenizer turns it into one special token "
+        "(`cptflow.model.hf.raw_text_encoder`), the plain tokenizer turns it into one special token "
         f"({special_docs} document(s) of this text contain one).", "",
-        "### Expanded demo tokenizer (`python -m cptflow.expand_vocab`, vocab_size 44000 on zh_web"
+        "### Expanded demo tokenizer (`python -m cptflow.tokenizer.vocab`, vocab_size 44000 on zh_web"
         + (f", built in {tok_seconds:.1f} s" if tok_seconds is not None else ", reused from bench/_work/pack/")
         + ")", "", compression_md.strip()]
     return "\n".join(lines) + "\n"

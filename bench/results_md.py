@@ -25,11 +25,27 @@ def machine_info() -> str:
             f"Python {platform.python_version()}")
 
 
+def git_commit() -> str:
+    """The commit measured, with '+uncommitted changes' when the tree differs from it (then say what)."""
+    import subprocess
+
+    root = RESULTS.parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "bench", "workflow", "config",
+                                ":!bench/RESULTS.md"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return sha + (" + uncommitted changes" if dirty else "")
+
+
 def run_info(script: str, load_start: tuple[float, ...]) -> str:
-    """When, where, with which command, and how busy the shared machine was (1-min load average)."""
+    """When, where, at which commit, with which command, and how busy the shared machine was (1-min load)."""
     return (f"`{shlex.join(['.venv/bin/python', f'bench/{script}', *sys.argv[1:]])}`" +
-            f", {time.strftime('%Y-%m-%d %H:%M')}. {machine_info()}; 1-min load average {load_start[0]:.1f} at start, "
-            f"{os.getloadavg()[0]:.1f} at end (other people's jobs share the cores).")
+            f", {time.strftime('%Y-%m-%d %H:%M')}, commit {git_commit()}. {machine_info()}; 1-min load average "
+            f"{load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end (other jobs share the cores).")
 
 
 def write_section(name: str, body: str) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from support.deepspeed import overlay  # noqa: F401 - the DeepSpeed overlay venv fixture (tests/train, tests/sft)
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "workflow" / "resources" / "demo"
 

@@ -1,4 +1,4 @@
-"""A tiny real torch.distributed (gloo) program, the stand-in target of cptflow.launch in tests/test_slurm.py.
+"""A tiny real torch.distributed (gloo) program, the stand-in target of cptflow.train.launch in tests/test_slurm.py.
 
 Every worker all-reduces its rank (sum must be world_size*(world_size-1)/2) and all-gathers what it knows
 about where it runs; rank 0 writes one JSON file. The test reads it to prove the workers really spanned

@@ -10,7 +10,10 @@ rule report:
         compare=rules.compare.output.json,
         compare_md=rules.compare.output.md,
         delta=rules.delta_make.output.delta,
-        roundtrip=rules.delta_check.output.stats,
+        roundtrip=rules.delta_apply.output.stats,
+        # SFT: its training curve, what sft_pack kept and dropped, finetune's summary, the answers of every model
+        **({"sft_metrics": rules.finetune.output.metrics, "sft_counts": rules.sft_pack.output.counts,
+            "sft_stats": rules.finetune.output.stats, "sft_answers": rules.generate.output.md} if SFT.enabled else {}),
     output:
         summary=report(
             f"{RUN}/report/summary.md", caption="../report/summary.rst", category="Summary"
@@ -18,8 +21,14 @@ rule report:
         funnel=report(f"{RUN}/report/funnel.png", caption="../report/funnel.rst", category="Data"),
         training=report(f"{RUN}/report/training.png", caption="../report/training.rst", category="Training"),
         eval=report(f"{RUN}/report/eval.png", caption="../report/eval.rst", category="Evaluation"),
+        stages=report(f"{RUN}/report/stages.png", caption="../report/stages.rst", category="Evaluation"),
     params:
+        version=stage_version("cptflow.report.report"),
+        run_name=config["run"],
+        output_dir=lambda wc, output: os.path.dirname(output.summary),
         metrics=lambda wc: " ".join(f"{s}={RUN}/train/{s}/metrics.jsonl" for s in train_stage_names()),
+        sft=lambda wc, input: (f"sft={input.sft_metrics} --sft-counts {input.sft_counts} --sft-stats {input.sft_stats}"
+                               f" --section {input.sft_answers}") if SFT.enabled else "",
     log:
         f"{LOGS}/report/report.log",
     threads: 1
@@ -29,7 +38,7 @@ rule report:
     conda:
         ENV
     shell:
-        "python -m cptflow.report --run-name {config[run]} --funnel {input.funnel:q}"
-        " --compression {input.compression:q} --train-metrics {params.metrics}"
+        "python -m cptflow.report.report --run-name {params.run_name:q} --funnel {input.funnel:q}"
+        " --compression {input.compression:q} --train-metrics {params.metrics} {params.sft}"
         " --compare {input.compare:q} --delta-manifest {input.delta:q}/manifest.json"
-        " --output-dir {RUN}/report 2>> {log:q}"
+        " --output-dir {params.output_dir:q} 2>> {log:q}"

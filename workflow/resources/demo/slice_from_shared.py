@@ -48,6 +48,8 @@ SUBJECTS = {
     "mmlu": ["marketing", "philosophy", "us_foreign_policy"],
 }
 
+C3_PASSAGES = 30  # 51 questions: 37 with four options, 4 with three, 10 with two
+
 
 def main(shared: Path) -> None:
     by_file: dict[str, list[str]] = defaultdict(list)
@@ -67,10 +69,18 @@ def main(shared: Path) -> None:
                 dst = HERE / "benchmarks" / bench / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(shared / bench / rel, dst)
+    # C3 (reading comprehension): the first C3_PASSAGES passages of the dev file, serialised as upstream
+    # does (json indent=1, UTF-8), so the slice is a byte-for-byte prefix of the published records.
+    c3 = json.loads((shared / "c3" / "c3-m-dev.json").read_text(encoding="utf-8"))
+    dst = HERE / "benchmarks" / "c3" / "c3-m-dev.json"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(c3[:C3_PASSAGES], ensure_ascii=False, indent=1), encoding="utf-8")
     tok = HERE / "tokenizer"
     tok.mkdir(exist_ok=True)
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copyfile(shared / "tokenizer" / "mistral-7b-v0.3" / name, tok / name)
+    (HERE / "sft").mkdir(exist_ok=True)  # SFT conversations: the whole file, byte for byte
+    shutil.copyfile(shared / "sft" / "firefly_dummy_data.jsonl", HERE / "sft" / "firefly_dummy_data.jsonl")
 
 
 if __name__ == "__main__":

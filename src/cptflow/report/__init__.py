@@ -1,0 +1,1 @@
+"""Report (workflow/rules/report.smk): markdown and plots of a run, read from the stages' JSON outputs."""
