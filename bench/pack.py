@@ -10,7 +10,8 @@ parquet shard per file, outside the timing), the same fast tokenizer (the demo t
 with ``python -m cptflow.tokenizer.vocab`` to ~72k pieces, built into bench/_work/pack/ on first run) and
 the same 2 cores:
 
-* cptflow: ``cptflow.pack.pack_shard.run`` on every shard in turn (as the workflow's per-file jobs do, one
+* cptflow: ``cptflow.pack.encoder.run`` once (the tokenizer reduced to its Rust backend and special ids),
+  then ``cptflow.pack.pack_shard.run`` on every shard in turn (as the workflow's per-file jobs do, one
   after the other here), each reading its shard in batches, tokenizing with ``encode_batch_fast``
   (``num_threads`` Rust threads) and streaming BOS + ids + EOS into ``max_length`` rows on disk (2- or
   4-byte ids, document starts); then ``cptflow.pack.pack.run``, the layout step that buckets and
@@ -100,16 +101,18 @@ def worker_cptflow(args: argparse.Namespace, shards: dict[str, list[str]], out: 
     import datasets  # noqa: F401  (imports are not timed on either side)
     import transformers  # noqa: F401
 
-    from cptflow.pack import pack, pack_shard
+    from cptflow.pack import encoder, pack, pack_shard
     from cptflow.pack.pack import PackConfig
 
     cfg = PackConfig(max_length=args.max_length, num_threads=args.threads)
     t0, c0 = time.perf_counter(), cpu_seconds()
+    encoder.run(cfg, args.tokenizer, out / "encoder")  # the workflow's pack_encoder job, once per run
+    t_encoder = time.perf_counter() - t0
     dirs, docs = [], 0
     for cat in sorted(shards):
         for i, f in enumerate(shards[cat]):
             dirs.append(out / "shards" / f"{cat}-{i}")
-            docs += int(pack_shard.run(cfg, args.tokenizer, f, cat, dirs[-1])["docs_in"])
+            docs += int(pack_shard.run(cfg, out / "encoder", f, cat, dirs[-1])["docs_in"])
     t_shards = time.perf_counter() - t0
     pack.run(cfg, dirs, out / "data", out / "counts.json")
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
@@ -117,19 +120,18 @@ def worker_cptflow(args: argparse.Namespace, shards: dict[str, list[str]], out: 
     cats = counts["categories"].values()
     disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     # Where the time went, measured after the clock stopped on the same (now warm) process.
-    from cptflow.model.hf import load_tokenizer, raw_text_encoder
+    from cptflow.pack.encoder import load_encoder
     from cptflow.pack.splice import read_batches
 
-    tok = load_tokenizer(args.tokenizer)
     t1 = time.perf_counter()
-    backend = raw_text_encoder(tok)
+    backend, _ = load_encoder(out / "encoder", cfg)
     t2 = time.perf_counter()
     for c in sorted(shards):
         for f in shards[c]:
             for texts in read_batches(f, cfg.batch_docs):
                 backend.encode_batch_fast(texts, add_special_tokens=False)
     t3 = time.perf_counter()
-    return {"seconds": seconds, "cpu_s": cpu, "raw_encoder_s": t2 - t1, "encode_s": t3 - t2,
+    return {"seconds": seconds, "cpu_s": cpu, "encoder_s": t_encoder, "open_s": t2 - t1, "encode_s": t3 - t2,
             "shards": len(dirs), "docs": docs, "layout_s": seconds - t_shards,
             "doc_tokens": sum(c["doc_tokens"] for c in cats), "rows": counts["total"]["samples"],
             "padding_tokens": counts["total"]["padding_tokens"], "disk_bytes": disk}
@@ -203,8 +205,9 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], chars: int, vo
     cpu = {k: statistics.median(r["cpu_s"] for r in v) for k, v in runs.items()}
     tpc = {k: runs[k][0]["doc_tokens"] / cpu[k] for k in runs}
     enc_s = statistics.median(r["encode_s"] for r in runs["cptflow"])
-    raw_s = statistics.median(r["raw_encoder_s"] for r in runs["cptflow"])
-    names = {"cptflow": f"cptflow `pack_shard` per shard + `pack` layout (num_threads={args.threads})",
+    open_s = statistics.median(r["open_s"] for r in runs["cptflow"])
+    encoder_s = statistics.median(r["encoder_s"] for r in runs["cptflow"])
+    names = {"cptflow": f"cptflow `pack_encoder` + `pack_shard` per shard + `pack` layout (num_threads={args.threads})",
              "hf": f"`datasets` map, run_clm style (num_proc={args.threads})"}
     lines = [
         "## pack: tokenize + pack throughput", "",
@@ -243,14 +246,15 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], chars: int, vo
         "the baseline builds Python lists per token in `group_texts` and pays process start-up and "
         "arrow round trips for each `map`.",
         f"Inside cptflow's time: `encode_batch_fast` itself takes {enc_s:.2f} s "
-        f"(median, re-measured in the same process after the run), and `cptflow.model.hf.raw_text_encoder` "
-        f"{raw_s:.2f} s per call, which `pack_shard` makes once per "
-        f"shard ({runs['cptflow'][0]['shards']} here, as one job each would); the layout step "
+        f"(median, re-measured in the same process after the run); the `pack_encoder` step (transformers' "
+        f"tokenizer loaded once, its Rust backend and special ids written) {encoder_s:.2f} s; opening that encoder "
+        f"(`cptflow.pack.encoder.load_encoder`, `tokenizers` only) {open_s:.2f} s per call, which `pack_shard` "
+        f"makes once per shard ({runs['cptflow'][0]['shards']} here, as one job each would); the layout step "
         f"{statistics.median(r['layout_s'] for r in runs['cptflow']):.2f} s; the rest of the median wall time "
-        "(tokenizer loading per shard, reading, splicing, writing) is "
-        f"{med['cptflow'] - enc_s - runs['cptflow'][0]['shards'] * raw_s:.2f} s.",
+        "(reading, splicing, writing) is "
+        f"{med['cptflow'] - enc_s - encoder_s - runs['cptflow'][0]['shards'] * open_s:.2f} s.",
         f"Token counts differ by {diff:+,}: cptflow encodes a literal `<s>`/`</s>` in the text as text "
-        "(`cptflow.model.hf.raw_text_encoder`), the plain tokenizer turns it into one special token "
+        "(`cptflow.pack.encoder.load_encoder`), the plain tokenizer turns it into one special token "
         f"({special_docs} document(s) of this text contain one).", "",
         "### Expanded demo tokenizer (`python -m cptflow.tokenizer.vocab`, vocab_size 44000 on zh_web"
         + (f", built in {tok_seconds:.1f} s" if tok_seconds is not None else ", reused from bench/_work/pack/")

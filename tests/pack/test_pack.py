@@ -15,7 +15,7 @@ import pytest
 
 from cptflow.core.config import ConfigError, from_dict
 from cptflow.core.io import sha256_path, size_path
-from cptflow.pack import pack_shard
+from cptflow.pack import encoder, pack_shard
 from cptflow.pack.buckets import plan_buckets, resolve_weights
 from cptflow.pack.pack import PackConfig, main, run
 from cptflow.train import data as train_data
@@ -76,12 +76,14 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     spec = [("zh_web", "cmrc2018_dev", 40), ("zh_books", "tang300", 60), ("zh_books", "song300", 60),
             ("en_replay", "devils_dictionary", 6), ("zh_web", "empty", 0)]
     out = []
+    enc = d / "encoder"
+    encoder.run(from_dict(PackConfig, PARAMS), TOKENIZER, enc)
     for cat, name, n in spec:
         src = DEMO / "corpus" / cat / f"{name}.jsonl"
         texts = [json.loads(x)["text"] for x in src.read_text(encoding="utf-8").splitlines()[:n]] if n else []
         pq.write_table(pa.table({"id": [f"{name}:{i}" for i in range(n)], "text": pa.array(texts, pa.string())}),
                        d / f"{name}.parquet")
-        pack_shard.run(from_dict(PackConfig, PARAMS), TOKENIZER, d / f"{name}.parquet", cat, d / "packed" / name,
+        pack_shard.run(from_dict(PackConfig, PARAMS), enc, d / f"{name}.parquet", cat, d / "packed" / name,
                        d / "packed" / f"{name}.stats.json")
         out.append(d / "packed" / name)
     return out

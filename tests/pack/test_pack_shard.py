@@ -15,6 +15,8 @@ import sentencepiece as spm
 
 from cptflow.core.io import sha256_path
 from cptflow.model.hf import load_tokenizer
+from cptflow.pack import encoder
+from cptflow.pack.encoder import load_encoder
 from cptflow.pack.pack_config import PackConfig
 from cptflow.pack.pack_shard import main, run
 from cptflow.pack.packed import read_meta, token_dtype, write_dataset, write_index
@@ -25,6 +27,12 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "workflow" / "resources" / "demo"
 TOKENIZER = DEMO / "tokenizer"
 BOS, EOS, PAD = 1, 2, 0
+
+
+def _encoder(out: Path, tokenizer: Path = TOKENIZER, cfg: PackConfig = PackConfig()) -> Path:
+    """The run's encoder (pack_encoder) of ``tokenizer`` for the special-token settings of ``cfg``."""
+    encoder.run(cfg, tokenizer, out)
+    return out
 
 
 def _docs(*lens: int) -> list[np.ndarray]:
@@ -109,17 +117,18 @@ def test_largest_ids_survive_at_the_uint16_boundary(tmp_path: Path, n_ids: int, 
     tok = _word_tokenizer(tmp_path / "tok", n_ids)
     top = n_ids - 1
     pq.write_table(pa.table({"text": [f"w{top} w2 w{top - 1}", f"w{top}"]}), tmp_path / "s.parquet")
-    run(PackConfig(max_length=4), tok, tmp_path / "s.parquet", "c", tmp_path / "shard")
+    cfg = PackConfig(max_length=4)
+    run(cfg, _encoder(tmp_path / "enc", tok, cfg), tmp_path / "s.parquet", "c", tmp_path / "shard")
     assert read_meta(tmp_path / "shard")["dtype"] == dtype
     got = rows_of(tmp_path / "shard")
     assert got["input_ids"].reshape(-1)[:8].tolist() == [0, top, 2, top - 1, 1, 0, top, 1]
 
 
-def test_tokenize_matches_sentencepiece() -> None:
+def test_tokenize_matches_sentencepiece(tmp_path: Path) -> None:
     texts = [json.loads(line)["text"][:2000] for line in
              (DEMO / "corpus" / "zh_web" / "cmrc2018_dev.jsonl").read_text(encoding="utf-8").splitlines()[:20]]
     texts += ["The Devil's Dictionary", "", "混合 text 与 123", "literal </s> and <s> stay text"]
-    got = tokenize(load_tokenizer(TOKENIZER), texts, batch_docs=7)
+    got = tokenize(load_encoder(_encoder(tmp_path / "enc"))[0], texts, batch_docs=7)
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER / "tokenizer.model"))
     assert [g.tolist() for g in got] == sp.encode(texts)
     assert 1 not in got[-1] and 2 not in got[-1]  # special tokens in raw text are not parsed as BOS/EOS
@@ -135,7 +144,7 @@ def test_shard_on_disk_is_the_tokenized_stream_byte_identical_at_any_thread_coun
              (DEMO / "corpus" / "zh_books" / "tang300.jsonl").read_text(encoding="utf-8").splitlines()[:50]]
     shard = _shard(tmp_path / "s.parquet", texts + [""])
     params = json.dumps({"max_length": 64, "batch_docs": 7})
-    base = ["--tokenizer", str(TOKENIZER), "--input", str(shard), "--category", "zh_books", "--params", params]
+    base = ["--encoder", str(_encoder(tmp_path / "enc")), "--input", str(shard), "--category", "zh_books", "--params", params]
     assert main([*base, "--output-dir", str(tmp_path / "a"), "--stats", str(tmp_path / "a.stats.json")]) == 0
     subprocess.run([sys.executable, "-m", "cptflow.pack.pack_shard", *base, "--output-dir", str(tmp_path / "b"),
                     "--threads", "1"], check=True, cwd=ROOT, capture_output=True)
@@ -152,10 +161,11 @@ def test_shard_on_disk_is_the_tokenized_stream_byte_identical_at_any_thread_coun
 
 
 def test_empty_shard_gives_zero_rows_and_a_null_text_names_its_row(tmp_path: Path) -> None:
-    run(PackConfig(max_length=16), TOKENIZER, _shard(tmp_path / "e.parquet", []), "c", tmp_path / "empty")
+    enc = _encoder(tmp_path / "enc")
+    run(PackConfig(max_length=16), enc, _shard(tmp_path / "e.parquet", []), "c", tmp_path / "empty")
     assert read_meta(tmp_path / "empty")["rows"] == 0 and np.load(tmp_path / "empty" / "tokens.npy").shape == (0,)
     with pytest.raises(ValueError, match=r"bad.parquet: row 1: 'text'"):
-        run(PackConfig(), TOKENIZER, _shard(tmp_path / "bad.parquet", ["ok", None]), "c", tmp_path / "bad")
+        run(PackConfig(), enc, _shard(tmp_path / "bad.parquet", ["ok", None]), "c", tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 
@@ -166,7 +176,7 @@ def test_a_10_mb_document_is_split_over_rows(tmp_path: Path) -> None:
     shard = _shard(tmp_path / "big.parquet", ["short one", big, "after"])
     code = ("import resource, sys; from cptflow.pack.pack_shard import main; "
             "rc = main(sys.argv[1:]); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024); sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code, "--tokenizer", str(TOKENIZER), "--input", str(shard),
+    proc = subprocess.run([sys.executable, "-c", code, "--encoder", str(_encoder(tmp_path / "enc")), "--input", str(shard),
                            "--category", "zh", "--output-dir", str(tmp_path / "out"), "--stats",
                            str(tmp_path / "out.stats.json"), "--params", json.dumps({"max_length": 2048})],
                           check=True, cwd=ROOT, capture_output=True, text=True)

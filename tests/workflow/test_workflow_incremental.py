@@ -59,7 +59,7 @@ def test_a_pinned_tokenizer_is_copied_not_trained(pinned_run):
     assert not any(k.endswith(".parquet") for k in manifest["inputs"])  # no training text was read
     assert (run / "tokenizer/tokenizer.json").read_bytes() == (work / "pinned_tokenizer/tokenizer.json").read_bytes()
     jobs = {r for r, _ in jobs_run(first)}
-    assert {"vocab", "init_model", "pack_shard", "pack", "train"} <= jobs
+    assert {"vocab", "init_model", "pack_encoder", "pack_shard", "pack", "train"} <= jobs
 
 
 def test_adding_one_file_packs_only_it_and_retrains_nothing_else(pinned_run):

@@ -142,10 +142,11 @@ def stage_params(section, **extra):
 
 
 def pack_params(kind):
-    """pack_shard ("shard") or pack ("layout") params: only the pack keys that rule's output depends on."""
-    from cptflow.pack.pack_config import LAYOUT_KEYS, SHARD_KEYS, section_params
+    """pack_encoder ("encoder"), pack_shard ("shard") or pack ("layout") params: only the pack keys that
+    rule's output depends on."""
+    from cptflow.pack.pack_config import ENCODER_KEYS, LAYOUT_KEYS, SHARD_KEYS, section_params
 
-    keys = SHARD_KEYS if kind == "shard" else LAYOUT_KEYS
+    keys = {"encoder": ENCODER_KEYS, "shard": SHARD_KEYS, "layout": LAYOUT_KEYS}[kind]
     return json.dumps(section_params(with_run_seed(dict(config["pack"])), keys), sort_keys=True, ensure_ascii=False)
 
 

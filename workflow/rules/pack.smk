@@ -1,12 +1,37 @@
-# Pack: each input file's data shard tokenized and spliced into fixed-length rows by its own job
-# (pack_shard, so the work spreads over a cluster and a new file packs only itself), then one cheap
-# global step (pack) that mixes the rows into buckets by category weight and replay share, as an
-# index over the shards: no token is copied.
+# Pack: the run's tokenizer reduced once to what tokenization needs (pack_encoder: its Rust backend and
+# special ids, so no per-file job imports transformers); each input file's data shard tokenized and
+# spliced into fixed-length rows by its own job (pack_shard, so the work spreads over a cluster and a
+# new file packs only itself); then one cheap global step (pack) that mixes the rows into buckets by
+# category weight and replay share, as an index over the shards: no token is copied.
+
+
+rule pack_encoder:
+    input:
+        tokenizer=rules.vocab.output.tokenizer,
+    output:
+        encoder=directory(f"{RUN}/pack/encoder"),
+        stats=f"{RUN}/pack/encoder.stats.json",
+    params:
+        version=stage_version("cptflow.pack.encoder"),
+        cfg=lambda wc: pack_params("encoder"),
+    log:
+        f"{LOGS}/pack/encoder.log",
+    benchmark:
+        f"{BENCH}/pack/encoder.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    shell:
+        "python -m cptflow.pack.encoder --tokenizer {input.tokenizer:q} --output-dir {output.encoder:q}"
+        " --stats {output.stats:q} --params {params.cfg:q} --log {log:q} 2>> {log:q}"
 
 
 rule pack_shard:
     input:
-        tokenizer=rules.vocab.output.tokenizer,
+        encoder=rules.pack_encoder.output.encoder,
         shard=rules.shards.output.shard,
     output:
         shard=directory(f"{RUN}/pack/shards/{{source}}/{{part}}"),
@@ -28,7 +53,7 @@ rule pack_shard:
     conda:
         ENV
     shell:
-        "python -m cptflow.pack.pack_shard --tokenizer {input.tokenizer:q} --input {input.shard:q}"
+        "python -m cptflow.pack.pack_shard --encoder {input.encoder:q} --input {input.shard:q}"
         " --category {params.category} --threads {threads} --output-dir {output.shard:q} --stats {output.stats:q}"
         " --params {params.cfg:q} --log {log:q} 2>> {log:q}"
 

@@ -1,6 +1,7 @@
-"""Settings of the pack family (config section ``pack:``): ``pack_shard``'s sample length, boundaries and
-tail; ``pack``'s mixture (bins, weights, replay). Each rule gets only the keys its output depends on
-(``shard_params``, ``layout_params``), so changing a weight re-indexes without re-tokenizing."""
+"""Settings of the pack family (config section ``pack:``): ``pack_encoder``'s special ids, ``pack_shard``'s
+sample length, boundaries and tail; ``pack``'s mixture (bins, weights, replay). Each rule gets only the
+keys its output depends on (``ENCODER_KEYS``, ``SHARD_KEYS``, ``LAYOUT_KEYS``), so changing a weight
+re-indexes without re-tokenizing."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ TAILS = ("drop", "pad")
 # What a pack shard depends on (batch_docs only bounds memory, but a user who sets it means it to reach the jobs).
 SHARD_KEYS = ("max_length", "add_bos", "add_eos", "tail", "pad_token_id", "batch_docs")
 LAYOUT_KEYS = ("max_length", "num_bins", "seed", "categories", "replay")  # what the index depends on
+ENCODER_KEYS = ("add_bos", "add_eos", "pad_token_id")  # what pack_encoder's special ids depend on
 
 
 @dataclass(frozen=True)

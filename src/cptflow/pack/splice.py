@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from cptflow.core.io import PathLike
-from cptflow.model.hf import raw_text_encoder
 from cptflow.pack.packed import NpyAppender, starts_dtype, write_meta
 
 
@@ -40,13 +39,12 @@ def read_batches(path: PathLike, batch_docs: int) -> Iterator[list[str]]:
         yield texts
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str], batch_docs: int, backend: Any = None) -> list[np.ndarray]:
+def tokenize(backend: Any, texts: Sequence[str], batch_docs: int) -> list[np.ndarray]:
     """Token ids per document, through the Rust ``encode_batch_fast`` (3-5x ``tok(list)``).
 
-    A literal "</s>" in a web page is text, not EOS (``raw_text_encoder``), so only the BOS/EOS that
-    splicing adds mark document boundaries. Pass ``backend`` to reuse one encoder across calls.
+    ``backend`` is a ``tokenizers.Tokenizer`` that encodes special-token strings as text
+    (``cptflow.pack.encoder.load_encoder``, ``cptflow.model.hf.raw_text_encoder``).
     """
-    backend = backend if backend is not None else raw_text_encoder(tokenizer)
     out: list[np.ndarray] = []
     for i in range(0, len(texts), batch_docs):
         for enc in backend.encode_batch_fast(list(texts[i: i + batch_docs]), add_special_tokens=False):
