@@ -21,7 +21,7 @@ from cptflow.pack.pack_config import PackConfig
 from cptflow.pack.pack_shard import main, run
 from cptflow.pack.packed import read_meta, token_dtype, write_dataset, write_index
 from cptflow.pack.packed_reader import PackedData
-from cptflow.pack.splice import ShardWriter, tokenize
+from cptflow.pack.splice import ShardWriter, encoded_batches, read_batches, tokenize
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "workflow" / "resources" / "demo"
@@ -132,6 +132,28 @@ def test_tokenize_matches_sentencepiece(tmp_path: Path) -> None:
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER / "tokenizer.model"))
     assert [g.tolist() for g in got] == sp.encode(texts)
     assert 1 not in got[-1] and 2 not in got[-1]  # special tokens in raw text are not parsed as BOS/EOS
+
+
+def test_batches_encoded_ahead_are_the_plain_loop_and_a_bad_row_still_names_itself(tmp_path: Path) -> None:
+    import threading
+
+    texts = [json.loads(line)["text"] for line in
+             (DEMO / "corpus" / "zh_books" / "tang300.jsonl").read_text(encoding="utf-8").splitlines()[:40]]
+    backend = load_encoder(_encoder(tmp_path / "enc"))[0]
+    shard = _shard(tmp_path / "s.parquet", texts)
+    plain = [(t, tokenize(backend, t, 6)) for t in read_batches(shard, 6)]
+    ahead = list(encoded_batches(backend, shard, 6))
+    assert [t for t, _ in ahead] == [t for t, _ in plain] and len(ahead) == 7
+    assert [[d.tolist() for d in ds] for _, ds in ahead] == [[d.tolist() for d in ds] for _, ds in plain]
+    first = encoded_batches(backend, shard, 6)
+    next(first)
+    first.close()  # a caller that stops early leaves no thread behind
+    assert not any(t.name == "cptflow-pack-encode" and t.is_alive() for t in threading.enumerate())
+    got = []
+    with pytest.raises(ValueError, match=r"bad.parquet: row 13: 'text'"):
+        for batch, _ in encoded_batches(backend, _shard(tmp_path / "bad.parquet", texts[:13] + [None]), 6):
+            got.append(len(batch))
+    assert got == [6, 6]  # the batches before the bad one came through, in order
 
 
 def _shard(path: Path, texts: list) -> Path:

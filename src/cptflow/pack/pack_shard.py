@@ -34,7 +34,7 @@ from cptflow.core.stats import Stats, Timer, write_manifest
 from cptflow.pack.encoder import load_encoder
 from cptflow.pack.pack_config import PackConfig
 from cptflow.pack.packed import SHARD_FILES
-from cptflow.pack.splice import ShardWriter, read_batches, tokenize
+from cptflow.pack.splice import ShardWriter, encoded_batches
 
 VERSION = 2
 log = logging.getLogger("cptflow.pack.pack_shard")
@@ -51,8 +51,7 @@ def run(cfg: PackConfig, encoder_dir: PathLike, shard: PathLike, category: str, 
         dtype = np.dtype(enc["dtype"])
         with atomic_path(output_dir) as tmp:
             writer = ShardWriter(tmp, cfg.max_length, dtype, enc["pad"], cfg.tail, enc["bos"], enc["eos"])
-            for texts in read_batches(shard, cfg.batch_docs):
-                docs = tokenize(backend, texts, cfg.batch_docs)
+            for texts, docs in encoded_batches(backend, shard, cfg.batch_docs):
                 kept = [d for d in docs if len(d)]
                 for t, d in zip(texts, docs):
                     if not len(d):

@@ -11,6 +11,8 @@ dropped (``tail``), and counted either way: at most one row per shard.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,47 @@ def tokenize(backend: Any, texts: Sequence[str], batch_docs: int) -> list[np.nda
         for enc in backend.encode_batch_fast(list(texts[i: i + batch_docs]), add_special_tokens=False):
             out.append(np.asarray(enc.ids, dtype=np.int32))
     return out
+
+
+def encoded_batches(backend: Any, path: PathLike, batch_docs: int) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+    """(texts, token ids) per batch of the shard, the next batch read and encoded one step ahead.
+
+    A background thread reads and encodes batch i+1 (the Rust encoder releases the GIL) while the caller
+    splices and writes batch i, so the single-threaded splicing overlaps the encoding instead of following
+    it. Memory stays at about two batches; order and output are those of the plain loop; an error in the
+    thread (a bad row) is raised here, in order, after the batches before it.
+    """
+    q: queue.Queue = queue.Queue(maxsize=1)
+    stop, end = threading.Event(), object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():  # never block for good: the caller may stop early
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for texts in read_batches(path, batch_docs):
+                if not put((texts, tokenize(backend, texts, batch_docs))):
+                    return
+            put(end)
+        except BaseException as e:  # handed to the caller, which re-raises it
+            put(e)
+
+    thread = threading.Thread(target=fill, name="cptflow-pack-encode", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 class ShardWriter:
