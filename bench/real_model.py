@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny budget: checks the script, not the science")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--section", default=SECTION, help="RESULTS.md section to write (another name keeps earlier runs)")
     args = p.parse_args(argv)
     if args.quick:
         args.embed_steps, args.full_steps, args.questions, args.heldout_docs = 2, 2, 1, 3
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     body = summarise(WORK / "results" / "real_model", wall, load, split, args)
     print(body)
     if not args.no_write:
-        write_section(SECTION, "## real_model: SmolLM2-135M adapted to Chinese by the whole workflow "
+        write_section(args.section, f"## {args.section}: SmolLM2-135M adapted to Chinese by the whole workflow "
                       "(`bench/real_model.py`)\n\n" + body)
     return 0
 
