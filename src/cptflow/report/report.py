@@ -31,6 +31,13 @@ def _plt():
     return plt
 
 
+def _save(plt: Any, fig: Any, out: Path) -> None:
+    """Every plot of the report: laid out tight, 110 dpi PNG, figure closed (a run makes several)."""
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -50,9 +57,7 @@ def plot_funnel(funnel: dict[str, Any], out: Path) -> None:
     ax.set_ylabel("million characters")
     ax.set_title("Data funnel")
     ax.legend(frameon=False)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out)
 
 
 def plot_training(curves: dict[str, list[dict[str, Any]]], out: Path) -> None:
@@ -76,9 +81,7 @@ def plot_training(curves: dict[str, list[dict[str, Any]]], out: Path) -> None:
     b.set_title("Throughput")
     for ax in (a, b):
         ax.legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out)
 
 
 def plot_eval(table: dict[str, Any], out: Path) -> None:
@@ -102,9 +105,7 @@ def plot_eval(table: dict[str, Any], out: Path) -> None:
     b.set_title("Held-out text")
     for ax in (a, b):
         ax.legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out)
 
 
 def plot_stages(table: dict[str, Any], out: Path) -> None:
@@ -132,9 +133,7 @@ def plot_stages(table: dict[str, Any], out: Path) -> None:
     a.set_title("Held-out text along the stages")
     b.set_ylabel("accuracy % (± 1 s.e.)")
     b.set_title("Multiple choice along the stages")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out)
 
 
 def noise_lines(table: dict[str, Any]) -> list[str]:
