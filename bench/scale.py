@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="report the results_<N>x.json of earlier runs, run nothing")
     p.add_argument("--global-sizes", type=int, nargs="*", default=[200_000, 1_000_000],
                    help="documents of the synthetic bands/clusters runs (none: skip)")
-    p.add_argument("--layout-rows", type=int, nargs="*", default=[1_000_000, 4_000_000],
+    p.add_argument("--layout-rows", type=int, nargs="*", default=[4_000_000, 16_000_000],
                    help="rows of the synthetic pack layout runs (none: skip)")
     p.add_argument("--keep", action="store_true", help="keep each scale's run folder (default: delete after)")
     p.add_argument("--no-write", action="store_true", help="print the section only, leave RESULTS.md alone")

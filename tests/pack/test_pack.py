@@ -167,6 +167,20 @@ def test_output_is_byte_identical_whatever_the_shard_order(packed: Path, shards:
     assert (tmp_path / "counts.json").read_bytes() == (packed / "counts.json").read_bytes()
 
 
+def test_the_layout_a_few_samples_at_a_time_is_the_same(packed: Path, shards: list[Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layout maps samples to (shard, row) and tallies counts in chunks (bounded temporaries at 10^8 samples);
+    chunks of 5 samples, each holding some categories and not others, give the same bytes as one chunk."""
+    from cptflow.pack import pack as layout
+
+    counts = json.loads((packed / "counts.json").read_text())
+    assert counts["total"]["samples"] > 10 * 5
+    monkeypatch.setattr(layout, "CHUNK", 5)
+    run(from_dict(PackConfig, PARAMS), shards, tmp_path / "data", tmp_path / "counts.json")
+    assert sha256_path(tmp_path / "data") == sha256_path(packed / "data")
+    assert (tmp_path / "counts.json").read_bytes() == (packed / "counts.json").read_bytes()
+
+
 def test_another_seed_gives_another_order_and_a_length_mismatch_is_refused(shards: list[Path], packed: Path,
                                                                               tmp_path: Path) -> None:
     run(from_dict(PackConfig, {**PARAMS, "seed": 8}), shards, tmp_path / "data", tmp_path / "counts.json")

@@ -41,20 +41,21 @@ def plan_buckets(rows: dict[str, int], weights: dict[str, float], cfg: PackConfi
     """
     plan: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(cfg.num_bins)]
     for cat in sorted(weights):
-        bins = np.array_split(_rng(cfg.seed, "bins", cat).permutation(rows[cat]), cfg.num_bins)
+        order = _rng(cfg.seed, "bins", cat).permutation(rows[cat]).astype(row_dtype(rows[cat]))  # 4 bytes a row
+        bins = np.array_split(order, cfg.num_bins)
         for k, b in enumerate(bins):
             n = int(np.floor(weights[cat] * len(b) + 0.5))
             plan[k].append((cat, b[draw(len(b), n, _rng(cfg.seed, "weight", cat, k))].astype(row_dtype(rows[cat]))))
     if cfg.replay is not None:
         cat, share = cfg.replay.category, cfg.replay.share
-        rng, stream, need = _rng(cfg.seed, "replay", cat), np.zeros(0, np.int64), []
+        rng, stream, need = _rng(cfg.seed, "replay", cat), np.zeros(0, row_dtype(rows[cat])), []
         for k in range(cfg.num_bins):
             n_other = sum(len(r) for _, r in plan[k])
             need.append(int(np.floor(share * n_other / (1 - share) + 0.5)))
         if sum(need) and not rows[cat]:
             raise ValueError(f"replay category {cat!r} has no samples")
         while len(stream) < sum(need):
-            stream = np.concatenate([stream, rng.permutation(rows[cat])])
+            stream = np.concatenate([stream, rng.permutation(rows[cat]).astype(stream.dtype)])
         offsets = np.cumsum([0, *need])
         for k in range(cfg.num_bins):
             plan[k].append((cat, stream[offsets[k]: offsets[k + 1]].astype(row_dtype(rows[cat]))))
@@ -71,7 +72,8 @@ def bucket_order(plan: list[list[tuple[str, np.ndarray]]], names: list[str],
     """Flatten the plan into output order: (category index, row, bucket) per sample, each bucket shuffled.
 
     Written bucket by bucket into arrays of the final size and narrow dtypes (uint16, uint32, int32:
-    10 bytes a sample), so only one bucket's shuffle is ever held twice.
+    10 bytes a sample), so only one bucket's shuffle is ever held twice. The plan is consumed: each
+    bucket's parts are dropped once written, so the plan and the output are not both held whole.
     """
     n = sum(len(r) for parts in plan for _, r in parts)
     top = max((int(r.max()) + 1 for parts in plan for _, r in parts if len(r)), default=0)
@@ -83,6 +85,7 @@ def bucket_order(plan: list[list[tuple[str, np.ndarray]]], names: list[str],
         c = np.concatenate([np.full(len(r), names.index(name), np.uint16) for name, r in parts] or [cats[:0]])
         r = np.concatenate([r for _, r in parts] or [rows[:0]])
         cats[at:at + m], rows[at:at + m], buckets[at:at + m] = c[perm], r[perm], k
+        parts.clear()
         at += m
     return cats, rows, buckets
 

@@ -3,7 +3,8 @@
 Every input file was tokenized and spliced by its own ``pack_shard`` job; this step reads only their
 small arrays (row lengths, metadata), never a token, and writes an index (``cptflow.pack.packed``):
 which (shard, row) is the i-th sample, and its bucket and category. Memory and time grow with the
-number of samples (tokens / max_length): about 56 bytes a sample, measured (bench/RESULTS.md, scale).
+number of samples (tokens / max_length): the index's 14 bytes a sample plus 4 a packed row, and the
+bucket plan's temporaries (bench/RESULTS.md, scale, has the measured figure).
 
 Buckets (``cptflow.pack.buckets``): every category's rows (its shards in path order, then row order)
 are cut into ``num_bins`` bins and bucket k is bin k of every category, shuffled together, so each
@@ -98,20 +99,9 @@ def run(cfg: PackConfig, shard_dirs: Sequence[PathLike], output_dir: PathLike, c
                 files = [s[0]["shard"] for s in shards if s[0]["category"] == c]
                 raise ValueError(why_empty(c, upstream(files)) + "\n(pack: nothing of this category to train on)")
         used = [s for s in shards if s[0]["rows"]]  # empty shards hold no sample
-        plan = plan_buckets(rows, weights, cfg)
-        cats, cat_rows, buckets = bucket_order(plan, names, cfg.seed)
-        sample_shard = np.zeros(len(cats), np.uint32)  # the index's dtypes: ~18 bytes a sample in all
-        sample_row = np.zeros(len(cats), np.uint32)
-        real_of: dict[str, np.ndarray] = {}
-        for ci, c in enumerate(names):
-            mine = [i for i, s in enumerate(used) if s[0]["category"] == c]
-            offsets = np.cumsum([0, *(used[i][0]["rows"] for i in mine)])
-            real_of[c] = np.concatenate([used[i][1] for i in mine]) if mine else np.zeros(0, np.int32)
-            sel = cats == ci
-            k = np.searchsorted(offsets, cat_rows[sel], side="right") - 1
-            sample_shard[sel] = np.asarray(mine, np.int64)[k] if mine else 0
-            sample_row[sel] = cat_rows[sel] - offsets[k] if mine else 0
-        counts = _counts(shards, names, cats, cat_rows, buckets, real_of, weights, cfg)
+        cats, sample_row, buckets = bucket_order(plan_buckets(rows, weights, cfg), names, cfg.seed)
+        sample_shard, tallies = locate(used, names, cats, sample_row, buckets, cfg.num_bins)
+        counts = _counts(shards, names, cats, tallies, weights, cfg)
         out = Path(output_dir)
         # Paths relative to the index (atomic_path's temporary is its sibling): the run folder can move.
         refs = [{"path": os.path.relpath(os.path.abspath(d), os.path.abspath(out)), "rows": int(m["rows"]),
@@ -136,22 +126,55 @@ def run(cfg: PackConfig, shard_dirs: Sequence[PathLike], output_dir: PathLike, c
     return stats
 
 
-def _counts(shards: list[tuple], names: list[str], cats: np.ndarray, rows: np.ndarray, buckets: np.ndarray,
-            real_of: dict[str, np.ndarray], weights: dict[str, float], cfg: PackConfig) -> dict[str, Any]:
+CHUNK = 1 << 20  # samples per step of ``locate``: its temporaries stay about 50 MB at any size
+
+
+def locate(used: list[tuple], names: list[str], cats: np.ndarray, rows: np.ndarray, buckets: np.ndarray,
+           num_bins: int) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Turn each sample's row within its category into (shard, row within shard), in place, a chunk at a time.
+
+    ``rows`` (a category's rows in its shards' path order) is overwritten with the row within the shard,
+    so the layout holds 14 bytes a sample (category 2, row 4, bucket 4, shard 4) plus 4 a packed row (the
+    real lengths), whatever the size. Returns the shard array and, per category, samples and real tokens
+    per bucket, tallied on the way (float64 sums are exact below 2^53 tokens).
+    """
+    shard = np.zeros(len(cats), np.uint32)
+    table = []
+    for c in names:
+        mine = [i for i, s in enumerate(used) if s[0]["category"] == c]
+        real = np.concatenate([used[i][1] for i in mine]) if mine else np.zeros(0, np.int32)
+        table.append((np.asarray(mine, np.uint32), np.cumsum([0, *(used[i][0]["rows"] for i in mine)]), real))
+    tallies = {c: (np.zeros(num_bins, np.int64), np.zeros(num_bins, np.float64)) for c in names}
+    for at in range(0, len(cats), CHUNK):
+        part_c, part_r, part_b, part_s = (a[at:at + CHUNK] for a in (cats, rows, buckets, shard))  # views
+        for ci, (mine, offsets, real) in enumerate(table):
+            sel = np.flatnonzero(part_c == ci)
+            if not len(sel):
+                continue
+            r, b = part_r[sel], part_b[sel]
+            n_k, t_k = tallies[names[ci]]
+            n_k += np.bincount(b, minlength=num_bins)
+            t_k += np.bincount(b, weights=real[r], minlength=num_bins)
+            k = np.searchsorted(offsets, r, side="right") - 1
+            part_s[sel] = mine[k]
+            part_r[sel] = r - offsets[k]
+    return shard, tallies
+
+
+def _counts(shards: list[tuple], names: list[str], cats: np.ndarray,
+            tallies: dict[str, tuple[np.ndarray, np.ndarray]], weights: dict[str, float],
+            cfg: PackConfig) -> dict[str, Any]:
     """Samples and tokens per category per bucket, plus how each category was packed (summed over its shards)."""
     per_cat: dict[str, Any] = {}
-    for ci, name in enumerate(names):
-        m = cats == ci
-        real, b = real_of[name][rows[m]], buckets[m]
+    for name in names:
+        n_k, t_k = tallies[name]
         mine = [s[0]["counts"] for s in shards if s[0]["category"] == name]
         packed = {k: int(sum(c[k] for c in mine)) for k in SUMMED}
-        # one pass per category (float64 sums are exact below 2^53 tokens)
-        n_k, t_k = np.bincount(b, minlength=cfg.num_bins), np.bincount(b, weights=real, minlength=cfg.num_bins)
         per_bucket = [{"samples": int(n_k[k]), "tokens": int(t_k[k])} for k in range(cfg.num_bins)]
         per_cat[name] = {**packed, "shards": len(mine), "weight": weights.get(name, "replay"),
-                         "samples": int(m.sum()), "tokens": int(real.sum(dtype=np.int64)), "buckets": per_bucket}
+                         "samples": int(n_k.sum()), "tokens": int(t_k.sum()), "buckets": per_bucket}
     tokens = int(sum(c["tokens"] for c in per_cat.values()))
-    total = {"samples": len(rows), "tokens": tokens, "padding_tokens": len(rows) * cfg.max_length - tokens}
+    total = {"samples": len(cats), "tokens": tokens, "padding_tokens": len(cats) * cfg.max_length - tokens}
     out: dict[str, Any] = {"max_length": cfg.max_length, "tail": cfg.tail, "num_bins": cfg.num_bins,
                            "seed": cfg.seed, "categories": per_cat, "total": total,
                            "buckets": [{"samples": sum(c["buckets"][k]["samples"] for c in per_cat.values()),
@@ -160,7 +183,7 @@ def _counts(shards: list[tuple], names: list[str], cats: np.ndarray, rows: np.nd
     if cfg.replay is not None:
         n = per_cat[cfg.replay.category]["samples"]
         out["replay"] = {"category": cfg.replay.category, "share_target": cfg.replay.share,
-                         "share_actual": n / len(rows) if len(rows) else 0.0}
+                         "share_actual": n / len(cats) if len(cats) else 0.0}
     return out
 
 
