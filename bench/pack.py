@@ -156,7 +156,9 @@ def worker_hf(args: argparse.Namespace, shards: dict[str, list[str]], out: Path)
     def tokenize_function(examples):  # as run_clm.py
         return tok(examples["text"])
 
-    tokenized = raw.map(tokenize_function, batched=True, num_proc=args.threads, remove_columns=["text"],
+    # Every input column removed, as run_clm.py does: group_texts concatenates every column it is given and
+    # cuts by the first one's length, so a kept `id` column would make it cut (and work on) the wrong thing.
+    tokenized = raw.map(tokenize_function, batched=True, num_proc=args.threads, remove_columns=raw.column_names,
                         load_from_cache_file=False)
 
     def group_texts(examples):  # run_clm.py's group_texts, unchanged in substance
