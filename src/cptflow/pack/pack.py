@@ -99,8 +99,12 @@ def run(cfg: PackConfig, shard_dirs: Sequence[PathLike], output_dir: PathLike, c
                 files = [s[0]["shard"] for s in shards if s[0]["category"] == c]
                 raise ValueError(why_empty(c, upstream(files)) + "\n(pack: nothing of this category to train on)")
         used = [s for s in shards if s[0]["rows"]]  # empty shards hold no sample
+        real_of = {c: np.concatenate([s[1] for s in used if s[0]["category"] == c] or [np.zeros(0, np.int32)])
+                   for c in names}  # each category's row lengths in its shards' order, held once from here on
+        shards = [(m, None, sha, d) for m, _, sha, d in shards]
+        used = [s for s in shards if s[0]["rows"]]
         cats, sample_row, buckets = bucket_order(plan_buckets(rows, weights, cfg), names, cfg.seed)
-        sample_shard, tallies = locate(used, names, cats, sample_row, buckets, cfg.num_bins)
+        sample_shard, tallies = locate(used, real_of, names, cats, sample_row, buckets, cfg.num_bins)
         counts = _counts(shards, names, cats, tallies, weights, cfg)
         out = Path(output_dir)
         # Paths relative to the index (atomic_path's temporary is its sibling): the run folder can move.
@@ -129,8 +133,8 @@ def run(cfg: PackConfig, shard_dirs: Sequence[PathLike], output_dir: PathLike, c
 CHUNK = 1 << 20  # samples per step of ``locate``: its temporaries stay about 50 MB at any size
 
 
-def locate(used: list[tuple], names: list[str], cats: np.ndarray, rows: np.ndarray, buckets: np.ndarray,
-           num_bins: int) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+def locate(used: list[tuple], real_of: dict[str, np.ndarray], names: list[str], cats: np.ndarray, rows: np.ndarray,
+           buckets: np.ndarray, num_bins: int) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Turn each sample's row within its category into (shard, row within shard), in place, a chunk at a time.
 
     ``rows`` (a category's rows in its shards' path order) is overwritten with the row within the shard,
@@ -142,8 +146,7 @@ def locate(used: list[tuple], names: list[str], cats: np.ndarray, rows: np.ndarr
     table = []
     for c in names:
         mine = [i for i, s in enumerate(used) if s[0]["category"] == c]
-        real = np.concatenate([used[i][1] for i in mine]) if mine else np.zeros(0, np.int32)
-        table.append((np.asarray(mine, np.uint32), np.cumsum([0, *(used[i][0]["rows"] for i in mine)]), real))
+        table.append((np.asarray(mine, np.uint32), np.cumsum([0, *(used[i][0]["rows"] for i in mine)]), real_of[c]))
     tallies = {c: (np.zeros(num_bins, np.int64), np.zeros(num_bins, np.float64)) for c in names}
     for at in range(0, len(cats), CHUNK):
         part_c, part_r, part_b, part_s = (a[at:at + CHUNK] for a in (cats, rows, buckets, shard))  # views
