@@ -98,11 +98,10 @@ def run(cfg: PackConfig, shard_dirs: Sequence[PathLike], output_dir: PathLike, c
             if not rows[c]:
                 files = [s[0]["shard"] for s in shards if s[0]["category"] == c]
                 raise ValueError(why_empty(c, upstream(files)) + "\n(pack: nothing of this category to train on)")
-        used = [s for s in shards if s[0]["rows"]]  # empty shards hold no sample
-        real_of = {c: np.concatenate([s[1] for s in used if s[0]["category"] == c] or [np.zeros(0, np.int32)])
+        real_of = {c: np.concatenate([s[1] for s in shards if s[0]["category"] == c] or [np.zeros(0, np.int32)])
                    for c in names}  # each category's row lengths in its shards' order, held once from here on
         shards = [(m, None, sha, d) for m, _, sha, d in shards]
-        used = [s for s in shards if s[0]["rows"]]
+        used = [s for s in shards if s[0]["rows"]]  # empty shards hold no sample
         cats, sample_row, buckets = bucket_order(plan_buckets(rows, weights, cfg), names, cfg.seed)
         sample_shard, tallies = locate(used, real_of, names, cats, sample_row, buckets, cfg.num_bins)
         counts = _counts(shards, names, cats, tallies, weights, cfg)
