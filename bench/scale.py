@@ -29,14 +29,14 @@ import json
 import os
 import random
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from results_md import git_commit, run_info, write_section  # noqa: E402 (bench/ is on sys.path)
+from pack import cpu_seconds  # noqa: E402 (bench/ is on sys.path)
+from results_md import git_commit, run_info, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "_work" / "scale"
@@ -189,22 +189,17 @@ def run_scale(scale: int, pools: dict[str, list[str]], cores: int) -> dict:
     return res
 
 
-def _children_cpu() -> float:
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return kids.ru_utime + kids.ru_stime
-
-
 def pack_rerun(work: Path, cmd: list[str], env: dict[str, str]) -> dict:
     """The pack stages alone, as a user reruns them: ``--forcerun pack_encoder pack_shard`` on the finished run.
 
     Wall time of the whole ``snakemake`` call (DAG build, every job's interpreter start and imports) and the CPU
-    seconds of it and all its jobs (reaped children), so it compares with ``datasets.map`` on the same shards and
+    seconds of it and all its jobs (reaped children; bench/pack.py's ``cpu_seconds``), so it compares with ``datasets.map`` on the same shards and
     cores both per wall-second and per CPU-second.
     """
     rerun = [*cmd, "--forcerun", "pack_encoder", "pack_shard"]
-    t0, c0 = time.perf_counter(), _children_cpu()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     proc = subprocess.run(rerun, cwd=work, env=env, capture_output=True, text=True)
-    wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     if proc.returncode:
         raise SystemExit(f"pack rerun failed:\n{proc.stderr[-4000:]}")
     return {"wall_s": wall, "cpu_s": cpu}
